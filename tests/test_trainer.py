@@ -1,0 +1,156 @@
+"""GRPOTrainer end to end on a tiny random model: it learns, logs TRL's metric names, checkpoints and resumes."""
+
+import json
+
+import pytest
+import torch
+
+from grpo_fast.config import GRPOConfig
+from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer
+from grpo_fast.trainer import GRPOTrainer
+
+
+def starts_with_7(prompts, completions, **kwargs):
+    return [1.0 if c.strip().startswith("7") else 0.0 for c in completions]
+
+
+def digit_reward(prompts, completions, **kwargs):
+    return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=3,
+        learning_rate=3e-3,
+        max_steps=4,
+        logging_steps=1,
+        save_steps=0,
+        report_to=[],
+        seed=3,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        gradient_checkpointing=False,
+    )
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _trainer(tmp_path, rewards=(starts_with_7,), model=None, **kw):
+    rows = [{"prompt": "3+4="}, {"prompt": "2+5="}]
+    return GRPOTrainer(
+        model if model is not None else tiny_causal_lm(seed=1),
+        list(rewards),
+        args=_config(tmp_path, **kw),
+        train_dataset=rows,
+        processing_class=tiny_tokenizer(),
+    )
+
+
+def test_overfits_one_prompt_within_30_steps(tmp_path):
+    t = GRPOTrainer(
+        tiny_causal_lm(seed=1),
+        [digit_reward],  # the random model answers with a digit ~1 time in 8
+        args=_config(tmp_path, max_steps=30, num_generations=8, learning_rate=3e-3, max_completion_length=2),
+        train_dataset=[{"prompt": "3+4="}],
+        processing_class=tiny_tokenizer(),
+    )
+    history = t.train()
+    rewards = [row["reward"] for row in history]
+    assert rewards[0] < 0.5, "the random model should not start at the answer"
+    assert rewards[-3:] == [1.0, 1.0, 1.0], rewards
+
+
+def test_metric_names_match_trl(tmp_path):
+    t = _trainer(tmp_path, rewards=(starts_with_7, digit_reward), max_steps=1, beta=0.04)
+    row = t.train()[-1]
+    expected = {
+        "reward", "reward_std", "rewards/starts_with_7/mean", "rewards/starts_with_7/std",
+        "rewards/digit_reward/mean", "completions/mean_length", "completions/clipped_ratio", "kl", "entropy",
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "frac_reward_zero_std",
+        "grad_norm", "learning_rate", "timing/sampling_s", "timing/reward_s", "timing/update_s", "tokens_per_s",
+        "completions/distinct_frac",
+    }
+    assert expected <= set(row), expected - set(row)
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 1
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("split", [2, 3], ids=["2+2", "3+1-mid-generation"])
+def test_resume_is_bit_exact(tmp_path, split):
+    full = _trainer(tmp_path / "a", max_steps=4, num_iterations=2)
+    full.train()
+    ref = _params(full.model)
+
+    first = _trainer(tmp_path / "b", max_steps=split, num_iterations=2, save_steps=split)
+    first.train()
+    second = _trainer(tmp_path / "b", model=tiny_causal_lm(seed=99), max_steps=4, num_iterations=2, save_steps=split)
+    second.train(resume_from_checkpoint=True)
+    got = _params(second.model)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_checkpoint_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = _trainer(tmp_path, max_steps=1)
+    t.train()
+    path = t.save_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    for k, v in _params(t.model).items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert tok.eos_token == "<eos>"
+    assert (path / "optimizer.pt").exists() and (path / "rng_state.pt").exists()
+
+
+def test_save_total_limit_keeps_newest(tmp_path):
+    t = _trainer(tmp_path, max_steps=3, save_steps=1, save_total_limit=2)
+    t.train()
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_resume_refuses_changed_math(tmp_path):
+    t = _trainer(tmp_path, max_steps=1, save_steps=1)
+    t.train()
+    other = _trainer(tmp_path, max_steps=2, save_steps=1, loss_type="grpo")
+    with pytest.raises(ValueError, match="loss_type"):
+        other.train(resume_from_checkpoint=True)
+    fine = _trainer(tmp_path, max_steps=2, save_steps=1, logging_steps=2)
+    fine.train(resume_from_checkpoint=True)
+    assert fine.step == 2
+
+
+def test_reward_signature_checked_at_construction(tmp_path):
+    def bad(completions):
+        return [0.0] * len(completions)
+
+    with pytest.raises(TypeError, match="f\\(prompts, completions, \\*\\*kwargs\\)"):
+        _trainer(tmp_path, rewards=(bad,))
+
+
+def test_chat_prompts_reach_rewards_as_messages(tmp_path):
+    seen = {}
+
+    def spy(prompts, completions, answer, **kwargs):
+        seen.update(prompt=prompts[0], completion=completions[0], answer=answer[0], kw=set(kwargs))
+        return [0.0] * len(completions)
+
+    rows = [{"prompt": [{"role": "user", "content": "3+4"}], "answer": "7"}]
+    t = GRPOTrainer(
+        tiny_causal_lm(), [spy], args=_config(tmp_path, max_steps=1, per_device_train_batch_size=4),
+        train_dataset=rows, processing_class=tiny_tokenizer(),
+    )
+    t.train()
+    assert seen["prompt"] == rows[0]["prompt"]
+    assert seen["completion"][0]["role"] == "assistant"
+    assert seen["answer"] == "7"
+    assert {"completion_ids", "trainer_state"} <= seen["kw"]
