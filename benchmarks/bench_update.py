@@ -1,0 +1,237 @@
+"""Benchmark of one GRPO update's model part: padded forward (each completion with its own prompt copy) against the
+shared-prefix packed forward (each prompt once), forward + backward.
+
+One step = hidden states (``completion_hidden_states`` or ``shared_prefix_hidden_states``) → the fused LM-head
+log-prob op (``grpo_fast.kernels.logprob.linear_logprobs``) → loss = Σ logp · mask → backward into every
+parameter.
+Shape: SmolLM2-135M (the embedded default model's weights, or a random-init model of its config with
+``--weights random``), B = 1 prompt of P tokens, G = 8 completions of L = 64 tokens, full masks.
+Each (variant, P) runs in a fresh subprocess: one warm-up step, then the timed repeats (median reported); the
+first timed step also gives the peak memory.
+Memory: on the CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim) of that step minus
+the RSS before it (activations, gradients and the transient buffers); on CUDA, max_memory_allocated minus the
+allocation before the step. Before timing, the parent checks that both variants give the same log-probs and
+gradients on a small P; it refuses to print a speed-up otherwise. CPU timings on a shared machine are noisy.
+
+    python benchmarks/bench_update.py            # P in {32, 256, 1024}, 3 repeats
+    python benchmarks/bench_update.py --quick    # P in {32, 256, 1024}, 1 repeat (the P = 1024 padded step is slow)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("padded", "shared_prefix")
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_cpu_peak() -> int:
+    """Returns freed heap to the OS, resets the peak-RSS mark (VmHWM), and returns the current RSS."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def _model(weights: str, device: str, dtype: torch.dtype):
+    from grpo_fast.models import default_model_path, load_default_model
+
+    if weights == "default":
+        model, tok = load_default_model(dtype)
+        pad = tok.pad_token_id
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(default_model_path())
+        torch.manual_seed(0)
+        model, pad = AutoModelForCausalLM.from_config(config, dtype=dtype), 0
+    model.config.attention_dropout = 0.0
+    return model.to(device).train(), pad
+
+
+def _batch(P: int, L: int, G: int, vocab: int, device: str):
+    from grpo_fast.forward import PolicyBatch
+
+    gen = torch.Generator().manual_seed(P)
+    prompt = torch.randint(10, vocab, (P,), generator=gen).tolist()
+    ids = torch.randint(10, vocab, (G, L), generator=gen).to(device)
+    return PolicyBatch([prompt], ids, torch.ones(G, L, dtype=torch.long, device=device), G)
+
+
+def _step_fn(model, variant: str, batch, pad: int):
+    from grpo_fast.forward import completion_hidden_states
+    from grpo_fast.kernels.logprob import linear_logprobs
+    from grpo_fast.packed import shared_prefix_hidden_states
+
+    hidden_fn = completion_hidden_states if variant == "padded" else shared_prefix_hidden_states
+    head = model.get_output_embeddings()
+
+    def step():
+        hidden = hidden_fn(model, batch, pad)  # [N, L, D]
+        n, L, d = hidden.shape
+        logp = linear_logprobs(hidden.reshape(n * L, d), head.weight, batch.completion_ids.reshape(-1))  # [N·L]
+        loss = (logp * batch.completion_mask.reshape(-1)).sum()
+        loss.backward()
+        return logp.detach()
+
+    return step
+
+
+def worker(variant: str, P: int, L: int, G: int, weights: str, dtype_name: str, repeats: int, device: str,
+           threads: int) -> dict:
+    """Runs in its own process: one step's peak extra memory (after a warm-up) and the timed repeats."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, pad = _model(weights, device, getattr(torch, dtype_name))
+    batch = _batch(P, L, G, model.config.vocab_size, device)
+    step = _step_fn(model, variant, batch, pad)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed():
+        model.zero_grad(set_to_none=True)
+        step()
+        sync()
+
+    timed()  # warm-up
+    times, peak = [], None
+    for _ in range(repeats):  # the first timed step also gives the peak memory
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _reset_cpu_peak()
+        t0 = time.perf_counter()
+        timed()
+        times.append(time.perf_counter() - t0)
+        if peak is None:
+            peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")) - base
+    return {"variant": variant, "P": P, "tokens": _tokens(variant, P, L, G), "peak_extra_bytes": peak,
+            "times_s": times, "median_s": statistics.median(times)}
+
+
+def _tokens(variant: str, P: int, L: int, G: int) -> int:
+    return G * (P + L) if variant == "padded" else P + G * L
+
+
+def check_equal(weights: str, dtype_name: str, device: str, P: int = 24, L: int = 8, G: int = 3) -> dict:
+    """Both variants on one small batch: max |Δ logp| and the largest relative gradient difference."""
+    model, pad = _model(weights, device, getattr(torch, dtype_name))
+    batch = _batch(P, L, G, model.config.vocab_size, device)
+    res = {}
+    for variant in VARIANTS:
+        model.zero_grad(set_to_none=True)
+        logp = _step_fn(model, variant, batch, pad)()
+        res[variant] = (logp, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    (lp_a, g_a), (lp_b, g_b) = res["padded"], res["shared_prefix"]
+    grad_rel = max(((g_a[k] - g_b[k]).abs().max() / g_a[k].abs().max().clamp(min=1e-12)).item() for k in g_a)
+    return {"max_abs_logp_diff": (lp_a - lp_b).abs().max().item(), "max_rel_grad_diff": grad_rel,
+            "same_params": sorted(g_a) == sorted(g_b)}
+
+
+def _run(variant, P, L, G, weights, dtype, repeats, device, threads) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, str(P), str(L), str(G), weights, dtype, str(repeats), device,
+           str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"variant": variant, "P": P, "skipped": f"failed: {last[:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
+        return (out.stdout.strip() or "uncommitted") + ("+dirty" if dirty.strip() else "")
+    except OSError:
+        return "uncommitted"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 repeat per case")
+    ap.add_argument("--prompt-lens", type=int, nargs="*", default=[32, 256, 1024])
+    ap.add_argument("--completion-len", type=int, default=64)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--weights", choices=("default", "random"), default="default")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) / bfloat16 (CUDA default)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per case (0: torch's default); 1 gives "
+                    "steadier numbers on a machine shared with other jobs")
+    ap.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        v, P, L, G, w, dt, reps, dev, th = args.worker
+        print(json.dumps(worker(v, int(P), int(L), int(G), w, dt, int(reps), dev, int(th))))
+        return
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    repeats = 1 if args.quick else args.repeats
+    L, G = args.completion_len, args.group_size
+    import transformers
+
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    check = check_equal(args.weights, "float32" if device == "cpu" else dtype, device)
+    ok = check["same_params"] and check["max_rel_grad_diff"] < (1e-3 if device == "cpu" else 5e-2)
+    report = {
+        "device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+        "commit": _git_commit(), "dtype": dtype, "weights": args.weights, "model": "SmolLM2-135M",
+        "B": 1, "G": G, "L": L, "repeats": repeats, "threads": args.threads or torch.get_num_threads(),
+        "equality_check": check, "equality_ok": ok,
+        "memory_method": "CUDA max_memory_allocated delta" if device == "cuda" else
+        "peak RSS (VmHWM) delta of one fwd+bwd after a warm-up, fresh subprocess per case; includes the grads",
+        "results": [],
+    }  # fmt: skip
+    print(f"{name}  torch {torch.__version__}  transformers {transformers.__version__}  dtype {dtype}  "
+          f"threads {report['threads']}  B=1 G={G} L={L}")
+    print(f"equality check (P=24, L=8, G=3): {check}  -> {'ok' if ok else 'FAILED: no speed-up reported'}")
+    print(f"{'P':>6} {'variant':>14} {'tokens':>7} {'median s':>9} {'peak MiB':>9} {'speed-up':>9} {'mem ratio':>9}")
+    for P in args.prompt_lens:
+        rows = {v: _run(v, P, L, G, args.weights, dtype, repeats, device, args.threads) for v in VARIANTS}
+        base = rows["padded"]
+        for v, r in rows.items():
+            if "skipped" in r:
+                print(f"{P:>6} {v:>14} {'-':>7} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  skipped: {r['skipped']}")
+                continue
+            if ok and "median_s" in base:
+                r["speedup_vs_padded"] = base["median_s"] / r["median_s"]
+                r["mem_ratio_vs_padded"] = r["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
+            print(
+                f"{P:>6} {v:>14} {r['tokens']:>7} {r['median_s']:>9.3f} {r['peak_extra_bytes'] / 2**20:>9.1f} "
+                f"{r.get('speedup_vs_padded', float('nan')):>9.2f} {r.get('mem_ratio_vs_padded', float('nan')):>9.3f}"
+            )
+        report["results"].append({"P": P, "variants": rows})
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"update_{device}{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
