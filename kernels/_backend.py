@@ -6,16 +6,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
+
+from ._triton import HAS_TRITON
 
 _VALID = ("auto", "torch", "triton")
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return HAS_TRITON
 
 
 def backend() -> str:

@@ -1,0 +1,289 @@
+"""Benchmark of the fused LM-head log-prob op (forward + backward) against the plain PyTorch path.
+
+For each T it times forward+backward (median of repeats after one warm-up) and measures peak extra memory for:
+  naive    logits = h @ W.T; log_softmax; gather; backward (holds several [T, V] tensors)
+  ours     grpo_fast.kernels.logprob.linear_logprobs (chunked torch path on CPU, Triton on CUDA)
+  compile  torch.compile of the naive function (not chunked; skipped with a note when compilation fails)
+  compile_chunked  the compiled naive function over 1024-row chunks under activation checkpointing (the usual
+           "chunk it in PyTorch" answer: recomputes each chunk's logits in the backward)
+  liger    Liger's fused linear cross-entropy, only when liger_kernel is importable
+Memory: each variant in a fresh subprocess, so one variant's allocator state cannot flatter or hurt another's.
+Time: all variants in one subprocess with their repeats interleaved, so a shared machine's drifting load biases
+none of them in particular.
+Memory: after one warm-up call, on the CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs after
+malloc_trim) of one forward+backward minus the RSS before it — the gradients of hidden and weight are included,
+for every variant alike; on CUDA, max_memory_allocated minus the allocation before the call.
+Simplifications: loss = logp.sum() (upstream gradient of ones), no bias, no entropy. On a shared machine CPU
+times are noisy; the JSON keeps every repeat.
+
+    python benchmarks/bench_logprob.py            # CPU: T in {1024, 4096}; CUDA: T in {1024, 4096, 16384}
+    python benchmarks/bench_logprob.py --quick    # a small shape, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("naive", "ours", "compile", "compile_chunked", "liger")
+CHUNK_ROWS = 1024  # rows per checkpointed chunk of the compile_chunked variant
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_cpu_peak() -> int:
+    """Returns freed heap to the OS, resets the peak-RSS mark (VmHWM), and returns the current RSS."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def _make_fn(variant: str):
+    if variant == "ours":
+        from grpo_fast.kernels.logprob import linear_logprobs
+
+        return lambda h, w, t: linear_logprobs(h, w, t)
+
+    def naive(h, w, t):
+        logits = h @ w.t()  # [T, V]
+        return logits.float().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
+
+    if variant == "naive":
+        return naive
+    if variant == "compile":
+        return torch.compile(naive)
+    if variant == "compile_chunked":
+        from torch.utils.checkpoint import checkpoint
+
+        compiled = torch.compile(naive)
+
+        def chunked(h, w, t):
+            parts = [
+                checkpoint(compiled, h[i : i + CHUNK_ROWS], w, t[i : i + CHUNK_ROWS], use_reentrant=False)
+                for i in range(0, h.shape[0], CHUNK_ROWS)
+            ]
+            return torch.cat(parts)
+
+        return chunked
+    if variant == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none")
+    raise ValueError(variant)
+
+
+def _inputs(T, D, V, dtype_name, device):
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(T, D, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=gen) * D**-0.5).to(device=device, dtype=dtype).requires_grad_()
+    t = torch.randint(0, V, (T,), generator=gen).to(device)
+    return h, w, t
+
+
+def _stepper(fn, h, w, t, device):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        h.grad = w.grad = None
+        fn(h, w, t).sum().backward()
+        sync()
+
+    return step
+
+
+def memory_worker(variant: str, T: int, D: int, V: int, dtype_name: str, device: str) -> dict:
+    """Own process per variant: peak extra memory of one forward+backward, after a warm-up call."""
+    h, w, t = _inputs(T, D, V, dtype_name, device)
+    step = _stepper(_make_fn(variant), h, w, t, device)
+    step()  # warm-up: library initialisation, first-touch page faults, compilation
+    h.grad = w.grad = None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _reset_cpu_peak()
+        step()
+        peak = _proc_status_bytes("VmHWM") - base
+    grads = (h.numel() + w.numel()) * h.element_size()
+    return {"peak_extra_bytes": peak, "peak_extra_beyond_grads_bytes": peak - grads}
+
+
+def time_worker(variants: list[str], T: int, D: int, V: int, dtype_name: str, repeats: int, device: str) -> dict:
+    """One process for all variants, repeats interleaved (a, b, c, a, b, c, ...) so that the load of a shared
+    machine drifting over time biases no variant in particular."""
+    h, w, t = _inputs(T, D, V, dtype_name, device)
+    steps, times, failed = {}, {}, {}
+    for v in variants:
+        try:
+            steps[v] = _stepper(_make_fn(v), h, w, t, device)
+            steps[v]()  # warm-up
+            times[v] = []
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            failed[v] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            steps.pop(v, None)
+    for _ in range(repeats):
+        for v, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[v].append(time.perf_counter() - t0)
+    out = {v: {"times_s": ts, "median_s": statistics.median(ts)} for v, ts in times.items()}
+    out.update({v: {"skipped": why} for v, why in failed.items()})
+    if device == "cuda":
+        out["gemm4_s"] = _gemm4_time(h.detach(), w.detach(), repeats)
+    return out
+
+
+def _gemm4_time(h, w, repeats):
+    """The 4 GEMMs a recomputing fused head cannot avoid: logits, recomputed logits, d_hidden, d_weight."""
+    z = h @ w.t()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        h @ w.t()
+        h @ w.t()
+        z @ w
+        z.t() @ h
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _subprocess(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": f"failed: {last[:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _measure(variants, T, D, V, dtype, repeats, device) -> tuple[dict, float | None]:
+    rows = {}
+    for v in variants:
+        if v == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            rows[v] = {"skipped": "liger_kernel is not installed"}
+            continue
+        rows[v] = _subprocess(["--memory-worker", v, str(T), str(D), str(V), dtype, device])
+    runnable = [v for v in variants if "skipped" not in rows[v]]
+    timed = _subprocess(["--time-worker", ",".join(runnable), str(T), str(D), str(V), dtype, str(repeats), device])
+    if "skipped" in timed:
+        timed = {v: timed for v in runnable}
+    gemm4 = timed.pop("gemm4_s", None)
+    for v in runnable:
+        rows[v].update(timed[v])
+    return rows, gemm4
+
+
+def _git_commit() -> str:
+    """HEAD, with "-dirty" when the op or this script differ from it; "uncommitted" outside a repository."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        if head.returncode != 0 or not head.stdout.strip():
+            return "uncommitted"
+        files = ["kernels/logprob.py", "benchmarks/bench_logprob.py"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], capture_output=True, text=True, cwd=ROOT)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "uncommitted"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one small shape (T=256, V=8192)")
+    ap.add_argument("--tokens", type=int, nargs="*", help="values of T (default: CPU 1024 4096, CUDA +16384)")
+    ap.add_argument("--hidden", type=int, default=576)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) / bfloat16 (CUDA default) / float16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--memory-worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--time-worker", nargs=7, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_worker:
+        v, T, D, V, dt, dev = args.memory_worker
+        print(json.dumps(memory_worker(v, int(T), int(D), int(V), dt, dev)))
+        return
+    if args.time_worker:
+        vs, T, D, V, dt, reps, dev = args.time_worker
+        print(json.dumps(time_worker(vs.split(","), int(T), int(D), int(V), dt, int(reps), dev)))
+        return
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    tokens = args.tokens or ([1024, 4096, 16384] if device == "cuda" else [1024, 4096])
+    D, V = args.hidden, args.vocab
+    if args.quick:
+        tokens, V = [256], 8192
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    report = {
+        "device": name, "torch": torch.__version__, "triton": triton_version, "commit": _git_commit(),
+        "dtype": dtype, "D": D, "V": V, "repeats": args.repeats, "results": [],
+        "memory_method": "CUDA max_memory_allocated delta" if device == "cuda" else
+        "peak RSS (VmHWM) delta of one fwd+bwd after a warm-up, fresh subprocess per variant; includes the grads",
+    }  # fmt: skip
+    print(f"{name}  torch {torch.__version__}  triton {triton_version}  dtype {dtype}  D={D} V={V}")
+    print(f"{'T':>6} {'variant':>15} {'median s':>9} {'peak MiB':>9} {'time/naive':>10} {'mem/naive':>9}  note")
+    for T in tokens:
+        rows, gemm4 = _measure(args.variants, T, D, V, dtype, args.repeats, device)
+        naive = rows.get("naive", {})
+        for v, r in rows.items():
+            if "median_s" not in r:
+                print(f"{T:>6} {v:>15} {'-':>9} {'-':>9} {'-':>10} {'-':>9}  skipped: {r.get('skipped')}")
+                continue
+            if "median_s" in naive:
+                r["time_ratio_vs_naive"] = r["median_s"] / naive["median_s"]
+                r["mem_ratio_vs_naive"] = r["peak_extra_bytes"] / max(naive["peak_extra_bytes"], 1)
+                r["mem_beyond_grads_ratio_vs_naive"] = r["peak_extra_beyond_grads_bytes"] / max(
+                    naive["peak_extra_beyond_grads_bytes"], 1
+                )
+            note = f"beyond grads {r['peak_extra_beyond_grads_bytes'] / 2**20:.1f} MiB"
+            if device == "cuda":
+                r["tflops"] = 6 * T * D * V / r["median_s"] / 1e12  # forward 2TDV + backward 4TDV
+                note += f", {r['tflops']:.1f} TFLOP/s"
+                if gemm4:
+                    r["time_ratio_vs_gemm4"] = r["median_s"] / gemm4
+                    note += f", {r['time_ratio_vs_gemm4']:.2f}x the 4 GEMMs"
+            print(
+                f"{T:>6} {v:>15} {r['median_s']:>9.4f} {r['peak_extra_bytes'] / 2**20:>9.1f} "
+                f"{r.get('time_ratio_vs_naive', float('nan')):>10.3f} {r.get('mem_ratio_vs_naive', float('nan')):>9.3f}"
+                f"  {note}"
+            )
+        report["results"].append({"T": T, "gemm4_s": gemm4, "variants": rows})
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"logprob_{device}{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Fused LM-head log-prob op: forward and every gradient against the fp64 reference, both backends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from grpo_fast.kernels.logprob import linear_logprobs, linear_logprobs_ref
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+
+
+def _inputs(T, D, V, bias, ignore=(), seed=0, scale=1.0, noncontig=False):
+    gen = torch.Generator().manual_seed(seed)
+    if noncontig:  # [T, D] view with strides (2, 2T): a transposed, sliced buffer
+        h = torch.randn(D, 2 * T, generator=gen, dtype=torch.float64).t()[::2]
+    else:
+        h = torch.randn(T, D, generator=gen, dtype=torch.float64)
+    w = torch.randn(V, D, generator=gen, dtype=torch.float64) * (scale / math.sqrt(D))
+    b = torch.randn(V, generator=gen, dtype=torch.float64) * 0.5 if bias else None
+    t = torch.randint(0, V, (T,), generator=gen)
+    for i in ignore:
+        t[i] = -100
+    g_logp = torch.randn(T, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(T, generator=gen, dtype=torch.float64)
+    return h, w, b, t, g_logp, g_ent
+
+
+def _run(fn, dtype, h, w, b, t, g_logp, g_ent, grads="both", **kw):
+    """Forward and backward in `dtype`; returns {name: tensor} for the outputs and every gradient."""
+    hh = h.detach().to(dtype)
+    if not h.is_contiguous():  # keep the caller's layout after the cast
+        hh = torch.empty_strided(h.shape, h.stride(), dtype=dtype).copy_(h)
+    hh.requires_grad_()
+    ww = w.detach().to(dtype).requires_grad_()
+    bb = b.detach().to(dtype).requires_grad_() if b is not None else None
+    logp, ent = fn(hh, ww, t, bias=bb, return_entropy=True, **kw)
+    loss = 0
+    if grads in ("logp", "both"):
+        loss = loss + (logp.double() * g_logp).sum()
+    if grads in ("entropy", "both"):
+        loss = loss + (ent.double() * g_ent).sum()
+    loss.backward()
+    out = {"logp": logp, "entropy": ent, "d_hidden": hh.grad, "d_weight": ww.grad}
+    if bb is not None:
+        out["d_bias"] = bb.grad
+    return out
+
+
+def _compare(check, dtype, case, grads="both", **kw):
+    ref64 = _run(linear_logprobs_ref, torch.float64, *case, grads=grads, **kw)
+    plain = _run(linear_logprobs_ref, dtype, *case, grads=grads, **kw)
+    ours = _run(linear_logprobs, dtype, *case, grads=grads, **kw)
+    for name in ref64:
+        assert ours[name] is not None, f"{name} missing"
+        assert ours[name].dtype == (torch.float32 if name in ("logp", "entropy") else dtype), name
+        check(ours[name], ref64[name], plain[name], atol=ATOL[dtype], name=name)
+
+
+@pytest.mark.parametrize("grads", ["logp", "entropy", "both"])
+@pytest.mark.parametrize(("temperature", "bias"), [(0.7, True), (1.3, False)], ids=["T0.7-bias", "T1.3-nobias"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_torch_path_matches_fp64(dtype, temperature, bias, grads, assert_close_2x, poison, force_backend):
+    """T=100 with chunk_size=7: row chunks and [Rb × Vc] backward tiles that divide neither T nor V=4231."""
+    force_backend("torch")
+    case = _inputs(100, 48, 4231, bias, ignore=(0, 13, 99))
+    _compare(assert_close_2x, dtype, case, grads, temperature=temperature, chunk_size=7)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_single_token_and_noncontiguous(backend, assert_close_2x, poison, force_backend):
+    force_backend(backend)
+    _compare(assert_close_2x, torch.float32, _inputs(1, 48, 4231, True), temperature=0.7)
+    case = _inputs(23, 48, 300, False, ignore=(5,), noncontig=True)
+    assert not case[0].is_contiguous()
+    _compare(assert_close_2x, torch.float32, case, temperature=1.3, chunk_size=4)
+
+
+def test_real_vocab_torch(assert_close_2x, force_backend):
+    force_backend("torch")
+    _compare(assert_close_2x, torch.float32, _inputs(6, 32, 49152, True, ignore=(2,)), temperature=0.9)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    ("dtype", "T", "V", "bias", "temperature", "grads"),
+    [
+        (torch.float32, 37, 4231, True, 0.7, "both"),
+        (torch.float32, 19, 300, False, 1.3, "entropy"),
+        (torch.float16, 37, 4231, True, 1.3, "logp"),
+    ],
+    ids=["fp32-V4231-bias-both", "fp32-V300-entropy", "fp16-V4231-bias-logp"],
+)
+def test_triton_interpreter_matches_fp64(dtype, T, V, bias, temperature, grads, assert_close_2x, poison, force_backend):
+    force_backend("triton")
+    case = _inputs(T, 48, V, bias, ignore=(0, T - 2))
+    _compare(assert_close_2x, dtype, case, grads, temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_all_ignored(backend, poison, force_backend):
+    force_backend(backend)
+    h, w, b, t, *_ = _inputs(9, 48, 300, True, ignore=range(9))
+    h, w, b = (x.float().requires_grad_() for x in (h, w, b))
+    logp, ent = linear_logprobs(h, w, t, bias=b, return_entropy=True)
+    assert torch.equal(logp, torch.zeros(9)) and torch.equal(ent, torch.zeros(9))
+    (logp.sum() + ent.sum()).backward()
+    for g in (h.grad, w.grad, b.grad):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_no_tokens(backend, force_backend):
+    force_backend(backend)
+    h, w = torch.randn(0, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    logp, ent = linear_logprobs(h, w, torch.zeros(0, dtype=torch.int64), return_entropy=True)
+    assert logp.shape == ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert h.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_huge_logits_stay_finite(backend, assert_close_2x, force_backend):
+    """Logits of order ±1e4: an unshifted exp would overflow; the entropy must not cancel to garbage."""
+    force_backend(backend)
+    case = _inputs(11, 48, 300, False, scale=3e3)
+    _compare(assert_close_2x, torch.float32, case, temperature=0.7)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("V", [300, 4231])
+def test_vocab_tail_is_masked(backend, V, poison, force_backend):
+    """All-zero logits: logp = −log V. One padded tail column counted as exp(0) would shift it by ≥ log(1 + 1/V)
+    (2.4e-4 at V = 4231); the tolerance is ~10 ulp (torch's vectorized log_softmax is not correctly rounded)."""
+    force_backend(backend)
+    h = torch.randn(5, 48)
+    w = torch.zeros(V, 48)
+    t = torch.tensor([0, 1, V - 1, V // 2, 7])
+    logp, ent = linear_logprobs(h, w, t, temperature=1.3, return_entropy=True)
+    torch.testing.assert_close(logp, torch.full((5,), -math.log(V)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, torch.full((5,), math.log(V)), atol=1e-5, rtol=0)
+
+
+def test_return_types_and_tied_embedding(force_backend):
+    """Tied embeddings: the LM-head weight is the input embedding's Parameter; both gradients accumulate."""
+    force_backend("torch")
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(257, 32)
+    ids = torch.randint(0, 257, (2, 9))
+    targets = ids[:, 1:].reshape(-1)
+
+    def loss(fn):
+        emb.zero_grad()
+        h = torch.tanh(emb(ids[:, :-1])).reshape(-1, 32)  # [T, D]
+        logp = fn(h, emb.weight, targets, temperature=0.8)
+        assert isinstance(logp, torch.Tensor) and logp.shape == (16,) and logp.dtype == torch.float32
+        logp.sum().backward()
+        return emb.weight.grad.clone()
+
+    torch.testing.assert_close(loss(linear_logprobs), loss(linear_logprobs_ref), atol=1e-5, rtol=1e-5)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest numel of any tensor an op returns (forward and autograd backward alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_torch_path_never_holds_T_by_V(return_entropy, force_backend):
+    force_backend("torch")
+    T, D, V, chunk = 512, 16, 1000, 8
+    h = torch.randn(T, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    t = torch.randint(0, V, (T,))
+
+    def largest(fn):
+        with _LargestTensor() as mode:
+            out = fn(h, w, t, return_entropy=return_entropy, chunk_size=chunk)
+            (sum(out) if return_entropy else out).sum().backward()
+        return mode.largest
+
+    assert largest(linear_logprobs_ref) >= T * V  # the probe does see the naive path's logits, backward included
+    assert largest(linear_logprobs) <= max(2 * chunk * V, V * D)  # tiles of ~chunk × V, and the [V, D] gradient
+
+
+def test_validation_messages():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"targets must be int64 of shape \[T\] = \[4\], got .*\[3\]"):
+        linear_logprobs(h, w, t[:3])
+    with pytest.raises(ValueError, match=r"targets must be int64 of shape \[T\] = \[4\], got torch.int32"):
+        linear_logprobs(h, w, t.int())
+    with pytest.raises(ValueError, match=r"temperature must be a float > 0, got 0"):
+        linear_logprobs(h, w, t, temperature=0.0)
+    with pytest.raises(ValueError, match=r"weight must be a 2-D tensor \[V, D\] with D = 8, got \[10, 7\]"):
+        linear_logprobs(h, w[:, :7], t)
+    with pytest.raises(ValueError, match=r"weight must match hidden's dtype and device"):
+        linear_logprobs(h, w.half(), t)
+    with pytest.raises(ValueError, match=r"hidden dtype must be one of .*got torch.float64"):
+        linear_logprobs(h.double(), w.double(), t)
+    with pytest.raises(ValueError, match=r"hidden must be a 2-D tensor \[T, D\], got \[2, 2, 8\]"):
+        linear_logprobs(h.view(2, 2, 8), w, t)
+    with pytest.raises(ValueError, match=r"bias must be a \[V\] = \[10\] tensor"):
+        linear_logprobs(h, w, t, bias=torch.zeros(9))
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
+        linear_logprobs(h, w, t, chunk_size=0)
