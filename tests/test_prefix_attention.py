@@ -1,0 +1,91 @@
+"""prefix_decode_attention (torch path and Triton under the interpreter) against the fp64 concatenated-cache oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_fast.kernels.prefix_attention import prefix_decode_attention, prefix_decode_attention_ref
+
+# (B, G, H, Hkv, S, P, Ls, Dh)
+CASES = {
+    "gqa": (2, 3, 4, 2, 1, 37, 9, 16),
+    "mha_g1": (3, 1, 2, 2, 1, 20, 5, 8),
+    "prefix1": (2, 2, 6, 2, 1, 1, 4, 16),
+    "suffix0": (2, 4, 4, 1, 1, 17, 0, 16),
+    "multi_query_s3": (2, 2, 4, 2, 3, 11, 6, 16),
+    "dh_odd": (1, 5, 3, 1, 1, 40, 33, 24),
+}
+
+
+def _make(b, g, h, hkv, s, p, ls, dh, ragged, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = b * g
+    q = torch.randn(n, h, s, dh, generator=gen)
+    pk, pv = torch.randn(b, hkv, p, dh, generator=gen), torch.randn(b, hkv, p, dh, generator=gen)
+    cap = max(ls, 1)
+    sk, sv = torch.randn(n, hkv, cap, dh, generator=gen), torch.randn(n, hkv, cap, dh, generator=gen)
+    if ragged:
+        plens = torch.randint(1, p + 1, (b,), generator=gen)
+        plens[0] = p
+        slens = torch.randint(max(s - 1, 0), ls + 1, (n,), generator=gen) if ls else torch.zeros(n, dtype=torch.long)
+        if ls:
+            slens[-1] = ls
+    else:
+        plens, slens = torch.full((b,), p), ls
+    return q, pk, pv, plens, sk, sv, slens
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "ragged"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_fp64_reference(case, backend, ragged, force_backend, poison, assert_close_2x):
+    force_backend(backend)
+    q, pk, pv, plens, sk, sv, slens = _make(*CASES[case], ragged=ragged)
+    g = CASES[case][1]
+    out, lse = prefix_decode_attention(q, pk, pv, plens, sk, sv, slens, g, return_lse=True)
+    ref, ref_lse = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, slens, g, return_lse=True)
+    plain, plain_lse = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, slens, g, return_lse=True,
+                                                   dtype=torch.float32)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close_2x(out, ref, plain, atol=1e-5, name=f"{case} out")
+    out_only = prefix_decode_attention(q, pk, pv, plens, sk, sv, slens, g)  # the decode fast path where eligible
+    assert_close_2x(out_only, ref, plain, atol=1e-5, name=f"{case} out without lse")
+    assert_close_2x(lse, ref_lse, plain_lse, atol=1e-5, name=f"{case} lse")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_group_offsets_with_dropped_rows(backend, force_backend, poison, assert_close_2x):
+    """A sampler that drops finished rows passes row offsets: groups of 3, 0 (all finished) and 1 rows."""
+    force_backend(backend)
+    q, pk, pv, plens, sk, sv, _ = _make(3, 3, 4, 2, 1, 19, 7, 16, ragged=True, seed=3)
+    keep = torch.tensor([0, 1, 2, 7])
+    offsets = torch.tensor([0, 3, 3, 4])
+    q, sk, sv = q[keep], sk[keep], sv[keep]
+    out = prefix_decode_attention(q, pk, pv, plens, sk, sv, 5, offsets)
+    ref = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, 5, offsets)
+    plain = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, 5, offsets, dtype=torch.float32)
+    assert_close_2x(out, ref, plain, atol=1e-5, name="offsets")
+
+
+def test_bf16_torch_path(assert_close_2x, force_backend):
+    force_backend("torch")
+    q, pk, pv, plens, sk, sv, slens = _make(2, 4, 4, 2, 1, 64, 12, 32, ragged=True, seed=5)
+    q, pk, pv, sk, sv = (t.bfloat16() for t in (q, pk, pv, sk, sv))
+    out = prefix_decode_attention(q, pk, pv, plens, sk, sv, slens, 4)
+    ref = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, slens, 4)
+    plain = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, slens, 4, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert_close_2x(out, ref, plain, atol=1e-3, name="bf16")
+
+
+def test_rejects_bad_shapes():
+    q = torch.randn(6, 4, 1, 8)
+    pk = torch.randn(2, 3, 5, 8)
+    sk = torch.randn(6, 3, 2, 8)
+    with pytest.raises(ValueError, match="multiple of the kv heads"):
+        prefix_decode_attention(q, pk, pk, torch.full((2,), 5), sk, sk, 1, 3)
+    pk = torch.randn(2, 2, 5, 8)
+    sk = torch.randn(6, 2, 2, 8)
+    with pytest.raises(ValueError, match="group_size"):
+        prefix_decode_attention(q, pk, pk, torch.full((2,), 5), sk, sk, 1, 2)
