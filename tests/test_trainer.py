@@ -18,6 +18,10 @@ def digit_reward(prompts, completions, **kwargs):
     return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
 
 
+def alternating(prompts, completions, **kwargs):
+    return [float(i % 2) for i in range(len(completions))]
+
+
 def _config(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path / "out"),
@@ -154,3 +158,22 @@ def test_chat_prompts_reach_rewards_as_messages(tmp_path):
     assert seen["completion"][0]["role"] == "assistant"
     assert seen["answer"] == "7"
     assert {"completion_ids", "trainer_state"} <= seen["kw"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_shared_prefix_update_equals_padded_update(tmp_path, kind):
+    """One full optimizer step with each prompt forwarded once per group == the standard padded update.
+    (A large adam_epsilon keeps AdamW's first step smooth in the gradient, so fp32 rounding of near-zero gradient
+    entries cannot flip a whole ``lr``-sized update.)"""
+    results = []
+    for shared in (True, False):
+        t = _trainer(tmp_path / str(shared), model=tiny_causal_lm(kind, seed=5), max_steps=1, beta=0.04,
+                     shared_prefix_update=shared, rewards=(alternating,), adam_epsilon=1e-3)
+        row = t.train()[-1]
+        results.append((row, _params(t.model)))
+    (row_s, p_s), (row_p, p_p) = results
+    assert row_s["reward"] == row_p["reward"]  # same completions: sampling does not depend on the update path
+    assert row_p["grad_norm"] > 0
+    assert abs(row_s["grad_norm"] - row_p["grad_norm"]) <= 1e-4 * max(row_p["grad_norm"], 1e-3)
+    for k in p_p:
+        torch.testing.assert_close(p_s[k], p_p[k], rtol=1e-5, atol=2e-5, msg=k)

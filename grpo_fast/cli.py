@@ -1,0 +1,181 @@
+"""``grpo-fast``: train, sample and eval from the command line.
+
+    grpo-fast train --model smollm2 --task arithmetic [--<GRPOConfig field> VALUE ...] [--config file.yaml]
+    grpo-fast sample --model smollm2 --prompt "What is 7 + 5?" --num_generations 4 [--answer 12]
+    grpo-fast eval --model outputs/demo/checkpoint-40 --task arithmetic --num_prompts 100
+
+Every GRPOConfig field is a flag of ``train`` under its own name. ``--model`` takes a local Hugging Face folder
+(a checkpoint included) or ``smollm2``, the embedded default. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+TASK_REWARDS = {"arithmetic": ["accuracy"], "countdown": ["countdown"], "jsonl": ["accuracy"]}
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown | a JSONL file with prompt/answer")
+    p.add_argument("--task_size", type=int, default=2000, help="number of generated training prompts")
+    p.add_argument("--task_digits", type=int, default=2, help="arithmetic: digits per operand")
+    p.add_argument("--task_ops", default="+", help="arithmetic: operators to draw from, e.g. '+-'")
+    p.add_argument("--task_chat", default="true", help="true: chat-format prompts (chat template applied)")
+    p.add_argument("--task_seed", type=int, default=0)
+    p.add_argument("--rewards", default=None, help="comma-separated built-in reward names (default: the task's)")
+
+
+def _rows(args, split: str, n: int) -> list[dict]:
+    from grpo_fast.tasks import get_task, load_jsonl
+
+    if args.task.endswith(".jsonl") or Path(args.task).is_file():
+        return load_jsonl(args.task)
+    kw = {}
+    if args.task == "arithmetic":
+        kw = {"digits": args.task_digits, "ops": tuple(args.task_ops), "chat": args.task_chat.lower() == "true"}
+    return get_task(args.task, n=n, seed=args.task_seed, split=split, **kw)
+
+
+def _reward_funcs(args):
+    from grpo_fast.rewards import get_reward_funcs
+
+    task = "jsonl" if args.task.endswith(".jsonl") else args.task
+    names = args.rewards.split(",") if args.rewards else TASK_REWARDS.get(task, ["accuracy"])
+    return get_reward_funcs(names)
+
+
+def cmd_train(argv: list[str]) -> int:
+    import dataclasses
+
+    from grpo_fast.config import GRPOConfig, add_config_arguments, load_config_file
+
+    p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO on a task or a JSONL dataset")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--config", default=None, help="YAML/JSON file of GRPOConfig fields (and model/task keys)")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in output_dir")
+    p.add_argument("--eval_prompts", type=int, default=0, help="greedy accuracy on N held-out prompts before/after")
+    _task_args(p)
+    add_config_arguments(p)
+    pre, _ = p.parse_known_args(argv)
+    file_values = load_config_file(pre.config) if pre.config else {}
+    own = {a.dest for a in p._actions} - {f.name for f in dataclasses.fields(GRPOConfig)}
+    p.set_defaults(**{k: file_values.pop(k) for k in list(file_values) if k in own})  # model/task keys of the file
+    args = p.parse_args(argv)
+    # config fields: the file's, then explicit flags (config flags default to SUPPRESS, so only given ones exist)
+    config = GRPOConfig.from_dict({**file_values, **{k: v for k, v in vars(args).items() if k not in own}})
+    from grpo_fast.models import load_model
+    from grpo_fast.trainer import GRPOTrainer
+
+    model, tokenizer = load_model(args.model)
+    trainer = GRPOTrainer(
+        model,
+        _reward_funcs(args),
+        args=config,
+        train_dataset=_rows(args, "train", args.task_size),
+        eval_dataset=_rows(args, "eval", max(args.eval_prompts, 1)) if args.eval_prompts else None,
+        processing_class=tokenizer,
+    )
+    before = trainer.evaluate() if args.eval_prompts else None
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=args.resume or None)
+    wall = time.perf_counter() - t0
+    ckpt = trainer.save_checkpoint()
+    after = trainer.evaluate() if args.eval_prompts else None
+    out = Path(config.output_dir)
+    summary = {"wall_clock_s": wall, "checkpoint": str(ckpt), "eval_before": before, "eval_after": after}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\ntrained {config.max_steps} steps in {wall:.0f}s")
+    if before is not None:
+        print(f"greedy eval before: {before}\ngreedy eval after:  {after}")
+    print(f"metrics:    {out / 'metrics.jsonl'}\nplot:       {out / 'metrics.png'}\ncheckpoint: {ckpt}")
+    return 0
+
+
+def cmd_sample(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast sample", description="sample a group of completions for a prompt")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", default="true", help="true: apply the chat template to the prompt")
+    p.add_argument("--num_generations", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--answer", default=None, help="gold answer: prints each completion's accuracy reward")
+    args = p.parse_args(argv)
+    from grpo_fast.data import PromptEncoder
+    from grpo_fast.models import load_model
+    from grpo_fast.rewards import get_reward_funcs
+    from grpo_fast.sampler import SharedPrefixSampler
+
+    model, tokenizer = load_model(args.model)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat.lower() == "true" else args.prompt
+    ids = PromptEncoder(tokenizer, None)(prompt)
+    out = SharedPrefixSampler(model, tokenizer).generate(
+        [ids],
+        group_size=args.num_generations,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    rewards = [None] * len(out.texts)
+    if args.answer is not None:
+        rewards = get_reward_funcs(["accuracy"])[0](
+            prompts=[prompt] * len(out.texts), completions=list(out.texts), answer=[args.answer] * len(out.texts)
+        )
+    for i, (text, reason, r) in enumerate(zip(out.texts, out.finish_reasons, rewards)):
+        print(f"--- completion {i} ({reason}{'' if r is None else f', reward {r}'})\n{text}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast eval", description="greedy accuracy on a task's held-out prompts")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--num_prompts", type=int, default=100)
+    p.add_argument("--max_completion_length", type=int, default=64)
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    _task_args(p)
+    args = p.parse_args(argv)
+    from grpo_fast.config import GRPOConfig
+    from grpo_fast.models import load_model
+    from grpo_fast.trainer import GRPOTrainer
+
+    model, tokenizer = load_model(args.model)
+    rows = _rows(args, "eval", args.num_prompts)[: args.num_prompts]
+    config = GRPOConfig(
+        output_dir="/tmp/grpo_fast_eval",
+        max_completion_length=args.max_completion_length,
+        report_to=[],
+        per_device_train_batch_size=8,
+        num_generations=8,
+    )
+    trainer = GRPOTrainer(model, _reward_funcs(args), args=config, train_dataset=rows, processing_class=tokenizer)
+    trainer.log.enabled = False
+    result = {"model": args.model, "task": args.task, "num_prompts": len(rows), **trainer.evaluate(rows)}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        print(f"commands: {', '.join(COMMANDS)}")
+        return 2 if argv and argv[0] not in ("-h", "--help") else 0
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

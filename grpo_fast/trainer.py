@@ -1,0 +1,611 @@
+"""GRPOTrainer: TRL's GRPOTrainer interface on grpo_fast's fused ops and shared-prefix sampler.
+
+One optimizer step, top to bottom (see ``train``): rollout (G completions per prompt, each prompt prefilled once)
+→ reward functions → group advantages → reference log-probs when beta > 0 → ``num_iterations`` passes over the
+generation batch in minibatches (fused LM-head log-probs + GRPO loss, no logits tensor) → AdamW with clipping and
+schedule → metrics → checkpoint.
+
+Deliberate simplifications, each documented in the README:
+- a generation batch is split into contiguous minibatches (TRL shuffles it first); with per_device_train_batch_size
+  a multiple of num_generations every minibatch holds whole groups;
+- off-policy old log-probs are the sampler's own (``recompute_old_logprobs=True`` runs TRL's extra forward);
+- one process; ``torchrun`` data parallelism is the scale-out issue's business.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+import warnings
+from collections import defaultdict
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grpo_fast import distributed as dist
+from grpo_fast.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from grpo_fast.config import GRPOConfig
+from grpo_fast.data import PromptEncoder, PromptOrder, is_conversational, load_rows
+from grpo_fast.forward import PolicyBatch, completion_logprobs
+from grpo_fast.kernels.advantages import group_advantages
+from grpo_fast.kernels.grpo_loss import grpo_loss, high_entropy_mask
+from grpo_fast.memory import OOM_HINT, preflight
+from grpo_fast.metrics import MetricsLog
+from grpo_fast.models import load_model, prepare_tokenizer
+from grpo_fast.sampler import SharedPrefixSampler
+
+
+@dataclass
+class Rollout:
+    """One generation batch: B prompts × G completions, scored, with everything the update needs."""
+
+    batch: PolicyBatch
+    advantages: torch.Tensor  # [N]
+    sampling_logp: torch.Tensor  # [N, L]
+    ref_logp: torch.Tensor | None  # [N, L]
+    num_items: torch.Tensor  # [] completion tokens in the whole generation batch
+
+    def minibatch(self, k: int, count: int) -> tuple[PolicyBatch, slice]:
+        """The k-th of ``count`` contiguous minibatches (whole groups when the sizes allow)."""
+        n = self.batch.completion_ids.shape[0]
+        size = n // count
+        rows = slice(k * size, (k + 1) * size)
+        g = self.batch.group_size
+        if size % g == 0:
+            mb = PolicyBatch(
+                self.batch.prompt_ids[rows.start // g : rows.stop // g],
+                self.batch.completion_ids[rows],
+                self.batch.completion_mask[rows],
+                g,
+            )
+        else:  # a split group: each completion carries its own prompt copy (group_size 1)
+            mb = PolicyBatch(
+                [self.batch.prompt_ids[i // g] for i in range(rows.start, rows.stop)],
+                self.batch.completion_ids[rows],
+                self.batch.completion_mask[rows],
+                1,
+            )
+        return mb, rows
+
+
+def reward_func_name(func) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def check_reward_signature(func) -> None:
+    """Fails at construction, not at step 50: a reward function must accept prompts=, completions= and **kwargs."""
+    if not callable(func):
+        raise TypeError(f"reward function {func!r} is not callable")
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    missing = [n for n in ("prompts", "completions") if n not in params and not has_var_kw]
+    if missing or not has_var_kw:
+        raise TypeError(
+            f"reward function {reward_func_name(func)!r} must have the signature "
+            f"f(prompts, completions, **kwargs) -> list[float | None]; "
+            f"got {inspect.signature(func)}" + (f" (missing {missing})" if missing else " (no **kwargs)")
+        )
+
+
+class GRPOTrainer:
+    """Drop-in for ``trl.GRPOTrainer``: same argument names, config fields, reward signature and metric names."""
+
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: GRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        peft_config=None,
+    ):
+        self.args = args = args if args is not None else GRPOConfig()
+        if peft_config is not None:
+            raise ValueError("peft_config is not supported yet by grpo_fast.GRPOTrainer; train the full model")
+        self.rank, self.world_size = dist.init_from_env()
+        self.is_main = self.rank == 0
+        torch.manual_seed(args.seed)
+        if isinstance(model, str):
+            model, tokenizer = load_model(model)
+            processing_class = processing_class or tokenizer
+        if processing_class is None:
+            raise ValueError("processing_class (the tokenizer) is required when model is a loaded model")
+        prepare_tokenizer(processing_class)
+        self.model, self.tokenizer = model, processing_class
+        self.device = next(model.parameters()).device
+        self.reward_funcs = self._resolve_reward_funcs(reward_funcs)
+        self.reward_names = [reward_func_name(f) for f in self.reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} entries but there are "
+                f"{len(self.reward_funcs)} reward functions"
+            )
+        self.train_rows = load_rows(train_dataset)
+        self.eval_rows = load_rows(eval_dataset) if eval_dataset is not None else None
+        self.encode = PromptEncoder(processing_class, args.max_prompt_length)
+        self.sampler = SharedPrefixSampler(model, processing_class)
+        self.ref_model = None
+        if args.beta != 0.0:  # a frozen copy; none is made when beta == 0
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if args.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.callbacks = list(callbacks or [])
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+        )
+        from transformers import get_scheduler
+
+        self.max_steps = args.max_steps if args.max_steps > 0 else self._steps_from_epochs()
+        self.scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            self.optimizer,
+            args.resolve_interval("warmup_steps", self.max_steps) or 0,
+            self.max_steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+        )
+        self.intervals = {
+            name: args.resolve_interval(name, self.max_steps) for name in ("logging_steps", "save_steps", "eval_steps")
+        }
+        self.order = PromptOrder(len(self.train_rows), args.seed)
+        self.step = 0  # optimizer steps
+        self.micro_step = 0  # minibatches processed
+        self.generation = 0
+        self.rollout: Rollout | None = None  # the generation batch being consumed (saved in mid-way checkpoints)
+        self.consecutive_skips = 0
+        self._nonfinite_loss = False
+        self.log = MetricsLog(args.output_dir, args.report_to, enabled=self.is_main)
+        self._pending: dict[str, list[float]] = defaultdict(list)
+
+    # ---------------------------------------------------------------- set-up helpers
+    def _resolve_reward_funcs(self, reward_funcs) -> list:
+        from grpo_fast.rewards import get_reward_funcs
+
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("reward_funcs is empty: give at least one reward function")
+        out = []
+        for f in funcs:
+            if isinstance(f, str):
+                out += get_reward_funcs([f])
+            elif isinstance(f, torch.nn.Module):
+                raise TypeError("reward models (nn.Module) are not supported; pass f(prompts, completions, **kwargs)")
+            else:
+                check_reward_signature(f)
+                out.append(f)
+        return out
+
+    def _steps_from_epochs(self) -> int:
+        """max_steps = -1: as many optimizer steps as num_train_epochs passes over the prompts take (TRL's count)."""
+        args = self.args
+        prompts_per_step = args.generation_batch_size // args.num_generations / args.steps_per_generation
+        prompts_per_step *= args.gradient_accumulation_steps / args.num_iterations
+        return max(1, math.ceil(args.num_train_epochs * len(self.train_rows) / prompts_per_step))
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    # ---------------------------------------------------------------- rollout
+    def _sample(self, rows: list[dict], greedy: bool = False, group_size: int | None = None):
+        args = self.args
+        prompt_ids = [self.encode(r["prompt"]) for r in rows]
+        out = self.sampler.generate(
+            prompt_ids,
+            group_size=group_size or args.num_generations,
+            max_new_tokens=args.max_completion_length,
+            temperature=0.0 if greedy else args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            stop=args.stop,
+            seed=args.seed * 1_000_003 + self.generation,
+        )
+        return prompt_ids, out
+
+    def _score(self, rows: list[dict], out, group_size: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rewards ``[N, R]`` (NaN = unscored) and counters of what went wrong, per reward function."""
+        prompts = [r["prompt"] for r in rows for _ in range(group_size)]
+        conversational = is_conversational(rows[0]["prompt"])
+        texts = out.texts
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
+        ids_list = [ids[m.bool()].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)]
+        columns = {k: [r[k] for r in rows for _ in range(group_size)] for k in rows[0] if k != "prompt"}
+        n = len(prompts)
+        rewards = torch.full((n, len(self.reward_funcs)), float("nan"))
+        counters: dict[str, float] = {}
+        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_names)):
+            values, failed = self._call_reward(func, name, prompts, completions, ids_list, columns, n)
+            rewards[:, i] = torch.tensor(values, dtype=torch.float32)
+            counters[f"rewards/{name}/failures"] = float(failed)
+        return rewards.to(self.device), counters
+
+    def _call_reward(self, func, name, prompts, completions, ids_list, columns, n) -> tuple[list[float], int]:
+        """Calls one reward function; exceptions, time-outs and non-numbers become NaN (unscored) and are counted.
+        A list of the wrong length is a bug in the function, not a bad sample: it raises."""
+        kwargs = dict(columns, completion_ids=ids_list, trainer_state={"global_step": self.step})
+        timeout = self.args.reward_timeout
+        try:
+            if timeout is None:
+                result = func(prompts=prompts, completions=completions, **kwargs)
+            else:
+                result = _call_with_timeout(func, timeout, prompts=prompts, completions=completions, **kwargs)
+        except TimeoutError:
+            warnings.warn(f"reward function {name!r} exceeded reward_timeout={timeout}s; its rewards are unscored")
+            return [math.nan] * n, n
+        except Exception as e:  # noqa: BLE001 — a crashing verifier must not kill a long run
+            warnings.warn(f"reward function {name!r} raised {type(e).__name__}: {e}; its rewards are unscored")
+            return [math.nan] * n, n
+        result = list(result)
+        if len(result) != n:
+            raise ValueError(
+                f"reward function {name!r} returned {len(result)} rewards, but {n} were expected "
+                "(one per prompt-completion pair)"
+            )
+        values, failed = [], 0
+        for r in result:
+            if r is None:
+                values.append(math.nan)
+                continue
+            try:
+                v = float(r)
+            except (TypeError, ValueError):
+                v, failed = math.nan, failed + 1
+            values.append(v)
+        return values, failed
+
+    def _rollout(self) -> tuple[Rollout, dict]:
+        args = self.args
+        g = args.num_generations
+        b = args.generation_batch_size // g
+        t0 = time.perf_counter()
+        # every rank draws the same global prompt order and keeps its slice: whole groups per rank
+        order = self.order.take(b * self.world_size)
+        rows = [self.train_rows[i] for i in order[self.rank * b : (self.rank + 1) * b]]
+        prompt_ids, out = self._sample(rows)
+        t1 = time.perf_counter()
+        rewards, counters = self._score(rows, out, g)
+        t2 = time.perf_counter()
+        mask = out.completion_mask.to(self.device)
+        truncated = torch.tensor([r == "length" for r in out.finish_reasons], device=self.device)
+        if args.mask_truncated_completions:
+            mask = mask * (~truncated).unsqueeze(1).to(mask.dtype)
+        weights = torch.tensor(args.reward_weights, device=self.device) if args.reward_weights else None
+        # rewards are gathered before normalization, so "batch" scaling and the reward metrics are global
+        n_local = rewards.shape[0]
+        advantages, stats = group_advantages(
+            dist.all_gather_rows(rewards),
+            g,
+            weights=weights,
+            scale=args.scale_rewards,
+            multi_objective_aggregation=args.multi_objective_aggregation,
+            estimator=args.estimator,
+        )
+        advantages = advantages[self.rank * n_local : (self.rank + 1) * n_local]
+        batch = PolicyBatch(prompt_ids, out.completion_ids.to(self.device), mask, g)
+        ref_logp = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logp, _ = completion_logprobs(
+                    self.ref_model, batch, self.pad_id, args.temperature, False, args.shared_prefix_update
+                )
+        num_items = dist.all_reduce_sum(mask.sum().float())  # the global token count dapo/cispo/vespo divide by
+        rollout = Rollout(batch, advantages, out.logprobs.to(self.device), ref_logp, num_items)
+        lengths = out.completion_mask.sum(1).float()
+        term = lengths[~truncated.cpu()]
+        metrics = {
+            **stats.metrics(self.reward_names),
+            "completions/mean_length": lengths.mean(),
+            "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": truncated.float().mean(),
+            "completions/mean_terminated_length": term.mean() if term.numel() else math.nan,
+            "completions/distinct_frac": distinct_fraction(out.texts, g),
+            "timing/sampling_s": t1 - t0,
+            "timing/reward_s": t2 - t1,
+            "num_tokens": float(sum(len(p) for p in prompt_ids) * g + lengths.sum().item()),
+            **counters,
+        }
+        self.generation += 1
+        return rollout, metrics
+
+    # ---------------------------------------------------------------- update
+    def _minibatch_loss(self, rollout: Rollout, k: int, first: bool) -> tuple[torch.Tensor, dict]:
+        args = self.args
+        mb, rows = rollout.minibatch(k, args.steps_per_generation)
+        logp, entropy = completion_logprobs(
+            self.model, mb, self.pad_id, args.temperature, True, args.shared_prefix_update
+        )
+        off_policy = args.needs_old_logprobs
+        old_logp = None
+        metrics: dict[str, float] = {}
+        if off_policy:
+            if args.recompute_old_logprobs:
+                with torch.no_grad():
+                    old_logp, _ = completion_logprobs(
+                        self.model, mb, self.pad_id, args.temperature, False, args.shared_prefix_update
+                    )
+            else:
+                old_logp = rollout.sampling_logp[rows]
+        if first and args.log_sampling_logprob_gap:
+            gap = (logp.detach() - rollout.sampling_logp[rows]).abs()[mb.completion_mask.bool()]
+            if gap.numel():
+                metrics["sampling/sampling_logp_difference/mean"] = gap.mean()
+                metrics["sampling/sampling_logp_difference/max"] = gap.max()
+        entropy_mask = None
+        if args.top_entropy_quantile < 1.0:
+            entropy_mask = high_entropy_mask(entropy.detach(), mb.completion_mask, args.top_entropy_quantile)
+        loss, loss_metrics = grpo_loss(
+            logp,
+            old_logp,
+            None if rollout.ref_logp is None else rollout.ref_logp[rows],
+            rollout.advantages[rows],
+            mb.completion_mask,
+            loss_type=args.loss_type,
+            epsilon=args.epsilon,
+            epsilon_high=args.epsilon_high,
+            delta=args.delta,
+            beta=args.beta,
+            use_bias_correction_kl=args.use_bias_correction_kl,
+            importance_sampling_level=args.importance_sampling_level,
+            num_items_in_batch=rollout.num_items,
+            max_completion_length=args.max_completion_length,
+            entropy=entropy.detach(),
+            entropy_mask=entropy_mask,
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos,
+            vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            steps_per_generation=args.steps_per_generation,
+            num_processes=self.world_size,
+        )
+        if args.entropy_coef:
+            m = mb.completion_mask if entropy_mask is None else mb.completion_mask * entropy_mask
+            bonus = (entropy * m).sum() / m.sum().clamp(min=1) / args.gradient_accumulation_steps
+            loss = loss - args.entropy_coef * bonus
+        metrics.update(loss_metrics)
+        return loss, metrics
+
+    def _optimizer_step(self) -> dict:
+        args = self.args
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
+        dist.average_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # identical on every rank after the average
+        bad = dist.any_rank(self._nonfinite_loss, self.device) or not torch.isfinite(grad_norm)
+        self._nonfinite_loss = False
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)  # the optimizer state is untouched
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= args.max_consecutive_skipped_steps:
+                raise RuntimeError(
+                    f"{self.consecutive_skips} consecutive optimizer steps had a non-finite gradient; stopping. "
+                    "Likely causes: learning_rate too high, non-finite rewards reaching the loss, or a bf16 overflow"
+                )
+            return {"grad_norm": math.nan, "skipped_steps": 1.0}
+        self.consecutive_skips = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm, "skipped_steps": 0.0}
+
+    # ---------------------------------------------------------------- the loop
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict]:
+        """Runs until ``max_steps`` optimizer steps; returns the logged rows. A generation batch serves
+        ``steps_per_generation × num_iterations`` minibatches; every ``gradient_accumulation_steps`` of them make
+        one optimizer step (TRL's schedule)."""
+        args = self.args
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint)
+        prompt_tokens = max(len(self.encode(r["prompt"])) for r in self.train_rows[:64])
+        self.memory_estimate = preflight(self.model, args, prompt_tokens, self.ref_model is not None)
+        self.model.train()
+        progress = _progress(self.max_steps, self.step) if self.is_main else _NoProgress()
+        try:
+            self._loop(progress)
+        except torch.cuda.OutOfMemoryError as e:
+            raise RuntimeError(OOM_HINT.format(phase="training")) from e
+        finally:
+            progress.close()
+        self.log.plot()
+        self.log.close()
+        return self.log.history
+
+    def _loop(self, progress) -> None:
+        args = self.args
+        per_generation = args.steps_per_generation * args.num_iterations
+        t_update = time.perf_counter()
+        while self.step < self.max_steps:
+            if self.micro_step % per_generation == 0 or self.rollout is None:
+                self.rollout, gen_metrics = self._rollout()
+                self._record(gen_metrics)
+                t_update = time.perf_counter()
+            k = self.micro_step % args.steps_per_generation
+            loss, metrics = self._minibatch_loss(self.rollout, k, first=self.micro_step % per_generation == 0)
+            if torch.isfinite(loss):
+                loss.backward()
+            else:  # the whole optimizer step this minibatch belongs to is skipped
+                self._nonfinite_loss = True
+            self._record(metrics)
+            self.micro_step += 1
+            if self.micro_step % args.gradient_accumulation_steps:
+                continue
+            self._record(self._optimizer_step())
+            self.step += 1
+            self._record({"learning_rate": self.scheduler.get_last_lr()[0]})
+            self._record({"timing/update_s": time.perf_counter() - t_update})
+            t_update = time.perf_counter()
+            self._after_step(progress)
+
+    def _record(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self._pending[k].append(float(v))
+
+    def _after_step(self, progress) -> None:
+        args = self.args
+        log_every, save_every, eval_every = (self.intervals[k] for k in ("logging_steps", "save_steps", "eval_steps"))
+        if (log_every and self.step % log_every == 0) or self.step == self.max_steps:
+            logs = dist.mean_over_ranks({k: _nanmean(v) for k, v in self._pending.items()}, self.device)
+            times = [logs.get(f"timing/{k}_s", 0.0) or 0.0 for k in ("sampling", "reward", "update")]
+            if sum(times) > 0 and logs.get("num_tokens"):
+                logs["tokens_per_s"] = logs["num_tokens"] / sum(times)
+            self._pending.clear()
+            self.log.log(self.step, logs)
+            progress.set_postfix({k: f"{logs[k]:.3f}" for k in ("reward", "loss") if logs.get(k) is not None})
+            for cb in self.callbacks:
+                if hasattr(cb, "on_log"):
+                    cb.on_log(self, logs)
+        if eval_every and self.eval_rows is not None and self.step % eval_every == 0:
+            self.log.log(self.step, self.evaluate())
+        if save_every and self.step % save_every == 0:
+            self.save_checkpoint()
+        for cb in self.callbacks:
+            if hasattr(cb, "on_step_end"):
+                cb.on_step_end(self)
+        progress.update(1)
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict] | None = None, batch_prompts: int = 16) -> dict[str, float]:
+        """Greedy accuracy: the mean of each reward function over one greedy completion per held-out prompt."""
+        rows = rows if rows is not None else self.eval_rows
+        if rows is None:
+            raise ValueError("evaluate() needs eval rows: pass eval_dataset to the trainer or rows= here")
+        limit = self.args.eval_num_prompts
+        rows = rows[:limit] if limit else rows
+        scores = []
+        for i in range(0, len(rows), batch_prompts):
+            chunk = rows[i : i + batch_prompts]
+            _, out = self._sample(chunk, greedy=True, group_size=1)
+            scores.append(self._score(chunk, out, 1)[0])
+        rewards = torch.cat(scores)  # [n, R]
+        metrics = {f"eval_rewards/{n}/mean": torch.nanmean(rewards[:, i]).item() for i, n in enumerate(self.reward_names)}
+        metrics["eval_reward"] = torch.nanmean(rewards.nansum(1)).item()
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        return {
+            "global_step": self.step,
+            "micro_step": self.micro_step,
+            "generation": self.generation,
+            "data_position": self.order.position,
+            "consecutive_skips": self.consecutive_skips,
+            "config": self.args.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Rank 0 writes (the weights are replicated); every rank waits for it."""
+        per_generation = self.args.steps_per_generation * self.args.num_iterations
+        mid_generation = self.rollout is not None and self.micro_step % per_generation != 0
+        path = Path(self.args.output_dir) / f"checkpoint-{self.step}"
+        if self.is_main:
+            # a mid-generation checkpoint keeps the generation batch so a resume continues it exactly; with several
+            # ranks each holds its own, and a resume regenerates it instead (as TRL always does)
+            extra = {"rollout.pt": self.rollout} if mid_generation and self.world_size == 1 else None
+            path = save_checkpoint(
+                self.args.output_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                self._state(), self.args.save_total_limit, extra=extra,
+            )
+        dist.barrier()
+        return path
+
+    def _resume(self, where: bool | str) -> None:
+        path = latest_checkpoint(self.args.output_dir) if where is True else Path(where)
+        if path is None:
+            warnings.warn(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint; starting fresh")
+            return
+        from safetensors.torch import load_model as load_safetensors
+
+        state = load_training_state(path, self.optimizer, self.scheduler)
+        old = state["config"]
+        changed = {
+            k: (old.get(k), v)
+            for k, v in self.args.to_dict().items()
+            if k in self.args.math_fields() and _plain(old.get(k)) != _plain(v)
+        }
+        if changed:
+            raise ValueError(
+                f"cannot resume from {path}: these fields change the math and differ from the checkpoint's: "
+                + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items())
+            )
+        load_safetensors(self.model, str(next(path.glob("model*.safetensors"))), strict=False)
+        self.step = state["global_step"]
+        self.micro_step = state["micro_step"]
+        self.rollout = torch.load(path / "rollout.pt", weights_only=False) if (path / "rollout.pt").exists() else None
+        self.generation = state["generation"]
+        self.order.position = state["data_position"]
+        self.consecutive_skips = state["consecutive_skips"]
+
+
+def _call_with_timeout(func, timeout: float, **kwargs):
+    """Runs ``func`` in a daemon thread; a call still running after ``timeout`` seconds is abandoned (a Python
+    thread cannot be killed) and raises TimeoutError, so a hung verifier cannot stall or block the run's exit."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = func(**kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def distinct_fraction(texts: list[str], group_size: int) -> float:
+    groups = [texts[i : i + group_size] for i in range(0, len(texts), group_size)]
+    return sum(len(set(g)) / len(g) for g in groups) / max(len(groups), 1)
+
+
+def _nanmean(values: list[float]) -> float | None:
+    valid = [v for v in values if not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else None
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc="GRPO", dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        return _NoProgress()
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, d):
+        pass
+
+    def close(self):
+        pass
