@@ -35,7 +35,7 @@ def estimate_bytes(model, args, prompt_tokens: int, has_ref: bool) -> dict[str, 
     kv_heads = getattr(cfg, "num_key_value_heads", heads) or heads
     head_dim = getattr(cfg, "head_dim", None) or d // heads
     g = args.num_generations
-    n = args.generation_batch_size
+    n = args.generation_batch_size // args.world_size  # completions this rank samples
     b = n // g
     L = args.max_completion_length or 256
     kv_tokens = b * prompt_tokens + n * L

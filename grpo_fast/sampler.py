@@ -161,8 +161,11 @@ def _check_options(group_size, max_new_tokens, temperature, top_p, top_k, min_p,
         bad("repetition_penalty", "a finite float > 0 (1 = off)", repetition_penalty)
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
         bad("stop", "None or a list of non-empty strings", stop)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        bad("seed", "None or an int", seed)
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if seed is not None and not is_int(seed) and not (isinstance(seed, (list, tuple)) and all(map(is_int, seed))):
+        bad("seed", "None, an int, or a list of ints (one per prompt)", seed)
 
 
 class SharedPrefixSampler:
@@ -251,7 +254,11 @@ class SharedPrefixSampler:
         state = _DecodeState(n_rows, max_new, lens, p_max + max_new)
         cache = _SharedPrefixCache(state, n_layers)
         gen = None
-        if seed is not None:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != b:
+                raise ValueError(f"seed: a list needs one seed per prompt ({b}), got {len(seed)}")
+            gen = CounterUniform(seed, g, device)
+        elif seed is not None:
             gen = torch.Generator(device=device).manual_seed(seed)
         vocab = model.config.get_text_config().vocab_size
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
@@ -279,6 +286,8 @@ class SharedPrefixSampler:
         rows_host = list(range(n_rows))
 
         for t in range(max_new):
+            if isinstance(gen, CounterUniform):
+                gen.rows, gen.step = rows, t
             tok, lp, tlp = _sample(logits, temperature, top_k, top_p, min_p, penalty,
                                    None if seen is None else seen[rows], gen, want_truncated)  # [n]
             out_ids[rows, t] = tok
@@ -360,12 +369,47 @@ def _nucleus_candidates(cand, top_p):
     return cand.sort(-1, descending=True)
 
 
+class CounterUniform:
+    """Per-row uniforms that depend only on (the row's prompt seed, its index in the group, the step): a
+    counter-based generator (SplitMix64), so a completion does not depend on which other prompts share the batch —
+    the same prompt with the same seed gives the same completion on 1 rank or 8. ``rows`` (active row ids) and
+    ``step`` are set before each draw."""
+
+    _MASK = (1 << 64) - 1
+
+    def __init__(self, prompt_seeds: list[int], group_size: int, device):
+        keys = [self._mix((s * 0x9E3779B97F4A7C15 + g) & self._MASK) for s in prompt_seeds for g in range(group_size)]
+        self.keys = torch.tensor([k - (1 << 64) if k >= 1 << 63 else k for k in keys], dtype=torch.int64,
+                                 device=device)  # [N] as signed int64 bit patterns
+        self.rows, self.step = None, 0
+
+    @classmethod
+    def _mix(cls, z: int) -> int:
+        z = (z + 0x9E3779B97F4A7C15) & cls._MASK
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & cls._MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & cls._MASK
+        return z ^ (z >> 31)
+
+    def uniform(self) -> torch.Tensor:
+        """Uniform float64 in [0, 1) for each active row: SplitMix64 on (key + step), vectorized in int64 (wrapping
+        multiplication; logical right shifts emulated by masking the arithmetic ones)."""
+        off = ((self.step + 1) * 0x9E3779B97F4A7C15) & self._MASK
+        z = self.keys[self.rows] + (off - (1 << 64) if off >= 1 << 63 else off)
+        z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+        z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * -7723592293110705685  # 0x94D049BB133111EB
+        z = z ^ ((z >> 31) & ((1 << 33) - 1))
+        return (((z >> 11) & ((1 << 53) - 1)).double() * 2.0**-53)[:, None]
+
+
 def _draw(probs: torch.Tensor, gen: torch.Generator | None, width: int = 256) -> torch.Tensor:
     """One index per row of ``probs [n, K]`` (non-negative, any scale) with probability proportional to its entry:
     inverse CDF with one float64 uniform per row, in two levels (pick a block of ``width`` entries by the block
     sums, then the entry inside it), so the float64 cumulative sums cover K / width + width values, not K."""
     n, k = probs.shape
-    u = torch.rand((n, 1), generator=gen, device=probs.device, dtype=torch.float64)  # [n, 1]
+    if isinstance(gen, CounterUniform):
+        u = gen.uniform()  # [n, 1]
+    else:
+        u = torch.rand((n, 1), generator=gen, device=probs.device, dtype=torch.float64)  # [n, 1]
     if k <= 4 * width:
         cdf = probs.cumsum(-1, dtype=torch.float64)
         return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(k - 1)[:, 0]

@@ -163,12 +163,20 @@ class GRPOTrainer:
             name: args.resolve_interval(name, self.max_steps) for name in ("logging_steps", "save_steps", "eval_steps")
         }
         self.order = PromptOrder(len(self.train_rows), args.seed)
+        local = args.generation_batch_size // self.world_size  # generation_batch_size counts all ranks, as in TRL
+        if local % args.num_generations:
+            raise ValueError(
+                f"each rank samples whole groups: generation_batch_size / world_size = {local} must be a multiple of "
+                f"num_generations = {args.num_generations}"
+            )
+        self.prompts_per_rank = local // args.num_generations
         self.step = 0  # optimizer steps
         self.micro_step = 0  # minibatches processed
         self.generation = 0
         self.rollout: Rollout | None = None  # the generation batch being consumed (saved in mid-way checkpoints)
         self.consecutive_skips = 0
         self._nonfinite_loss = False
+        self._step_loss = torch.zeros(())
         self.log = MetricsLog(args.output_dir, args.report_to, enabled=self.is_main)
         self._pending: dict[str, list[float]] = defaultdict(list)
 
@@ -202,7 +210,10 @@ class GRPOTrainer:
         return self.tokenizer.pad_token_id
 
     # ---------------------------------------------------------------- rollout
-    def _sample(self, rows: list[dict], greedy: bool = False, group_size: int | None = None):
+    def _sample(self, rows: list[dict], greedy: bool = False, group_size: int | None = None, first_index: int = 0):
+        """Samples G completions per row. Each prompt's randomness is seeded by its global index in the prompt
+        stream (``first_index`` + its place in ``rows``), so completions do not depend on batch composition or on
+        how many ranks share the run."""
         args = self.args
         prompt_ids = [self.encode(r["prompt"]) for r in rows]
         out = self.sampler.generate(
@@ -215,7 +226,7 @@ class GRPOTrainer:
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
             stop=args.stop,
-            seed=args.seed * 1_000_003 + self.generation,
+            seed=[args.seed * 1_000_003 + first_index + i for i in range(len(rows))],
         )
         return prompt_ids, out
 
@@ -273,12 +284,13 @@ class GRPOTrainer:
     def _rollout(self) -> tuple[Rollout, dict]:
         args = self.args
         g = args.num_generations
-        b = args.generation_batch_size // g
+        b = self.prompts_per_rank
         t0 = time.perf_counter()
         # every rank draws the same global prompt order and keeps its slice: whole groups per rank
+        first = self.order.position + self.rank * b  # global index of this rank's first prompt
         order = self.order.take(b * self.world_size)
         rows = [self.train_rows[i] for i in order[self.rank * b : (self.rank + 1) * b]]
-        prompt_ids, out = self._sample(rows)
+        prompt_ids, out = self._sample(rows, first_index=first)
         t1 = time.perf_counter()
         rewards, counters = self._score(rows, out, g)
         t2 = time.perf_counter()
@@ -441,6 +453,7 @@ class GRPOTrainer:
                 t_update = time.perf_counter()
             k = self.micro_step % args.steps_per_generation
             loss, metrics = self._minibatch_loss(self.rollout, k, first=self.micro_step % per_generation == 0)
+            self._step_loss += loss.detach()
             if torch.isfinite(loss):
                 loss.backward()
             else:  # the whole optimizer step this minibatch belongs to is skipped
@@ -449,6 +462,8 @@ class GRPOTrainer:
             self.micro_step += 1
             if self.micro_step % args.gradient_accumulation_steps:
                 continue
+            self._record({"loss": self._step_loss})  # what was backpropagated this optimizer step
+            self._step_loss = torch.zeros(())
             self._record(self._optimizer_step())
             self.step += 1
             self._record({"learning_rate": self.scheduler.get_last_lr()[0]})
@@ -509,6 +524,7 @@ class GRPOTrainer:
             "generation": self.generation,
             "data_position": self.order.position,
             "consecutive_skips": self.consecutive_skips,
+            "world_size": self.world_size,
             "config": self.args.to_dict(),
         }
 
@@ -536,10 +552,14 @@ class GRPOTrainer:
         from safetensors.torch import load_model as load_safetensors
 
         state = load_training_state(path, self.optimizer, self.scheduler)
-        old = state["config"]
+        old = dict(state["config"])
+        now = self.args.to_dict()
+        # the per-rank batch may change with the number of ranks; the global batch may not
+        old["per_device_train_batch_size"] *= state.get("world_size", 1)
+        now["per_device_train_batch_size"] *= self.world_size
         changed = {
             k: (old.get(k), v)
-            for k, v in self.args.to_dict().items()
+            for k, v in now.items()
             if k in self.args.math_fields() and _plain(old.get(k)) != _plain(v)
         }
         if changed:

@@ -75,7 +75,7 @@ def test_metric_names_match_trl(tmp_path):
         "rewards/digit_reward/mean", "completions/mean_length", "completions/clipped_ratio", "kl", "entropy",
         "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "frac_reward_zero_std",
         "grad_norm", "learning_rate", "timing/sampling_s", "timing/reward_s", "timing/update_s", "tokens_per_s",
-        "completions/distinct_frac",
+        "completions/distinct_frac", "loss",
     }
     assert expected <= set(row), expected - set(row)
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
