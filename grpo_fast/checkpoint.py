@@ -23,7 +23,7 @@ STATE_FILE = "trainer_state.json"
 
 
 def _complete(path: Path) -> bool:
-    return (path / STATE_FILE).exists() and any(path.glob("model*.safetensors"))
+    return (path / STATE_FILE).exists() and any(path.glob("*model*.safetensors"))  # adapter_model for PEFT
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

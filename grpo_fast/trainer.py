@@ -14,6 +14,7 @@ Deliberate simplifications, each documented in the README:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -109,8 +110,6 @@ class GRPOTrainer:
         peft_config=None,
     ):
         self.args = args = args if args is not None else GRPOConfig()
-        if peft_config is not None:
-            raise ValueError("peft_config is not supported yet by grpo_fast.GRPOTrainer; train the full model")
         self.rank, self.world_size = dist.init_from_env()
         self.is_main = self.rank == 0
         torch.manual_seed(args.seed)
@@ -120,6 +119,11 @@ class GRPOTrainer:
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required when model is a loaded model")
         prepare_tokenizer(processing_class)
+        if peft_config is not None:  # train LoRA/PEFT adapters only, as TRL does
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
         self.model, self.tokenizer = model, processing_class
         self.device = next(model.parameters()).device
         self.reward_funcs = self._resolve_reward_funcs(reward_funcs)
@@ -134,7 +138,7 @@ class GRPOTrainer:
         self.encode = PromptEncoder(processing_class, args.max_prompt_length)
         self.sampler = SharedPrefixSampler(model, processing_class)
         self.ref_model = None
-        if args.beta != 0.0:  # a frozen copy; none is made when beta == 0
+        if args.beta != 0.0 and not self.is_peft:  # a frozen copy; none when beta == 0 or with PEFT
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if args.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -197,6 +201,16 @@ class GRPOTrainer:
                 check_reward_signature(f)
                 out.append(f)
         return out
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference policy: the frozen copy, or — with PEFT — the same model with its adapters disabled (no
+        second copy of the weights)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with self.model.disable_adapter():
+                yield self.model
 
     def _steps_from_epochs(self) -> int:
         """max_steps = -1: as many optimizer steps as num_train_epochs passes over the prompts take (TRL's count)."""
@@ -312,10 +326,10 @@ class GRPOTrainer:
         advantages = advantages[self.rank * n_local : (self.rank + 1) * n_local]
         batch = PolicyBatch(prompt_ids, out.completion_ids.to(self.device), mask, g)
         ref_logp = None
-        if self.ref_model is not None:
-            with torch.no_grad():
+        if args.beta != 0.0:
+            with torch.no_grad(), self._reference() as ref_model:
                 ref_logp, _ = completion_logprobs(
-                    self.ref_model, batch, self.pad_id, args.temperature, False, args.shared_prefix_update
+                    ref_model, batch, self.pad_id, args.temperature, False, args.shared_prefix_update
                 )
         num_items = dist.all_reduce_sum(mask.sum().float())  # the global token count dapo/cispo/vespo divide by
         rollout = Rollout(batch, advantages, out.logprobs.to(self.device), ref_logp, num_items)
@@ -567,7 +581,13 @@ class GRPOTrainer:
                 f"cannot resume from {path}: these fields change the math and differ from the checkpoint's: "
                 + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items())
             )
-        load_safetensors(self.model, str(next(path.glob("model*.safetensors"))), strict=False)
+        if self.is_peft:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
+        else:
+            load_safetensors(self.model, str(next(path.glob("model*.safetensors"))), strict=False)
         self.step = state["global_step"]
         self.micro_step = state["micro_step"]
         self.rollout = torch.load(path / "rollout.pt", weights_only=False) if (path / "rollout.pt").exists() else None
