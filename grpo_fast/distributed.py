@@ -12,6 +12,7 @@ What runs where:
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -28,7 +29,14 @@ def init_from_env() -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
+        atexit.register(_shutdown)  # we created the group, so we tear it down (gloo aborts on a dirty exit)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def active() -> bool:
