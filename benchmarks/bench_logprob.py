@@ -7,6 +7,11 @@ For each T it times forward+backward (median of repeats after one warm-up) and m
   compile_chunked  the compiled naive function over 1024-row chunks under activation checkpointing (the usual
            "chunk it in PyTorch" answer: recomputes each chunk's logits in the backward)
   liger    Liger's fused linear cross-entropy, only when liger_kernel is importable
+With ``--op grpo`` it benchmarks the LM head + GRPO loss (dapo, β = 0.04, token-level IS, off-policy old log-probs,
+rows of L = 256 fully masked in) instead:
+  naive_grpo    logits = h @ W.T; log_softmax; gather; grpo_loss_ref; backward
+  chained_grpo  linear_logprobs → grpo_loss (the fallback path of linear_grpo_loss: 4 GEMMs)
+  fused_grpo    grpo_fast.kernels.linear_grpo_loss.linear_grpo_loss (its one-pass 3-GEMM path)
 Memory: each variant in a fresh subprocess, so one variant's allocator state cannot flatter or hurt another's.
 Time: all variants in one subprocess with their repeats interleaved, so a shared machine's drifting load biases
 none of them in particular.
@@ -18,6 +23,7 @@ times are noisy; the JSON keeps every repeat.
 
     python benchmarks/bench_logprob.py            # CPU: T in {1024, 4096}; CUDA: T in {1024, 4096, 16384}
     python benchmarks/bench_logprob.py --quick    # a small shape, for a smoke run
+    python benchmarks/bench_logprob.py --op grpo  # the fused LM head + GRPO loss
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("naive", "ours", "compile", "compile_chunked", "liger")
+GRPO_VARIANTS = ("naive_grpo", "chained_grpo", "fused_grpo")
+GRPO_L = 256  # completion length of the --op grpo problem: N = T / 256 rows
 CHUNK_ROWS = 1024  # rows per checkpointed chunk of the compile_chunked variant
 
 
@@ -58,7 +66,46 @@ def _reset_cpu_peak() -> int:
     return _proc_status_bytes("VmRSS")
 
 
+def _grpo_inputs(t: torch.Tensor):
+    """old/ref log-probs, advantages and mask of the --op grpo problem, for targets t [T]."""
+    T = t.shape[0]
+    N, L = max(1, T // GRPO_L), min(T, GRPO_L)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    old = (-torch.rand(N, L, generator=gen) * 12 - 5).to(t.device)  # near log(1/V) for V = 49152
+    ref = old + 0.1 * torch.randn(N, L, generator=gen).to(t.device)
+    adv = torch.randn(N, generator=gen).to(t.device)
+    mask = torch.ones(N, L, device=t.device)
+    return (N, L), old, ref, adv, mask
+
+
+def _make_grpo_fn(variant: str):
+    from grpo_fast.kernels.grpo_loss import grpo_loss, grpo_loss_ref
+    from grpo_fast.kernels.linear_grpo_loss import linear_grpo_loss
+    from grpo_fast.kernels.logprob import linear_logprobs
+
+    kw = dict(loss_type="dapo", beta=0.04)
+
+    def naive_grpo(h, w, t):
+        shape, old, ref, adv, mask = _grpo_inputs(t)
+        logits = h @ w.t()  # [T, V]
+        logp = logits.float().log_softmax(-1).gather(1, t[:, None]).view(shape)
+        return grpo_loss_ref(logp, old, ref, adv, mask, **kw)[0]
+
+    def chained_grpo(h, w, t):
+        shape, old, ref, adv, mask = _grpo_inputs(t)
+        logp, ent = linear_logprobs(h, w, t, return_entropy=True)
+        return grpo_loss(logp.view(shape), old, ref, adv, mask, entropy=ent.detach().view(shape), **kw)[0]
+
+    def fused_grpo(h, w, t):
+        shape, old, ref, adv, mask = _grpo_inputs(t)
+        return linear_grpo_loss(h, w, t, old, ref, adv, mask, completion_shape=shape, **kw)[0]
+
+    return {"naive_grpo": naive_grpo, "chained_grpo": chained_grpo, "fused_grpo": fused_grpo}[variant]
+
+
 def _make_fn(variant: str):
+    if variant in GRPO_VARIANTS:
+        return _make_grpo_fn(variant)
     if variant == "ours":
         from grpo_fast.kernels.logprob import linear_logprobs
 
@@ -203,11 +250,20 @@ def _git_commit() -> str:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
         if head.returncode != 0 or not head.stdout.strip():
             return "uncommitted"
-        files = ["kernels/logprob.py", "benchmarks/bench_logprob.py"]
+        files = ["kernels/logprob.py", "kernels/linear_grpo_loss.py", "kernels/grpo_loss.py",
+                 "benchmarks/bench_logprob.py"]
         dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], capture_output=True, text=True, cwd=ROOT)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "uncommitted"
+
+
+def _load() -> str:
+    """``uptime``'s load averages: the machine may be shared, and then every time here is inflated."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 def main() -> None:
@@ -218,7 +274,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) / bfloat16 (CUDA default) / float16")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--op", choices=("logprob", "grpo"), default="logprob", help="grpo: LM head + GRPO loss")
+    ap.add_argument("--variants", nargs="*", default=None, choices=VARIANTS + GRPO_VARIANTS)
     ap.add_argument("--memory-worker", nargs=6, help=argparse.SUPPRESS)
     ap.add_argument("--time-worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -231,6 +288,8 @@ def main() -> None:
         print(json.dumps(time_worker(vs.split(","), int(T), int(D), int(V), dt, int(reps), dev)))
         return
 
+    if args.variants is None:
+        args.variants = list(GRPO_VARIANTS if args.op == "grpo" else VARIANTS)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     tokens = args.tokens or ([1024, 4096, 16384] if device == "cuda" else [1024, 4096])
@@ -246,15 +305,17 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     report = {
         "device": name, "torch": torch.__version__, "triton": triton_version, "commit": _git_commit(),
-        "dtype": dtype, "D": D, "V": V, "repeats": args.repeats, "results": [],
+        "op": args.op, "dtype": dtype, "D": D, "V": V, "repeats": args.repeats, "results": [],
+        "load_before": _load(),
         "memory_method": "CUDA max_memory_allocated delta" if device == "cuda" else
         "peak RSS (VmHWM) delta of one fwd+bwd after a warm-up, fresh subprocess per variant; includes the grads",
     }  # fmt: skip
-    print(f"{name}  torch {torch.__version__}  triton {triton_version}  dtype {dtype}  D={D} V={V}")
+    print(f"{name}  torch {torch.__version__}  triton {triton_version}  dtype {dtype}  D={D} V={V}  op {args.op}")
+    print(f"load before: {report['load_before']}")
     print(f"{'T':>6} {'variant':>15} {'median s':>9} {'peak MiB':>9} {'time/naive':>10} {'mem/naive':>9}  note")
     for T in tokens:
         rows, gemm4 = _measure(args.variants, T, D, V, dtype, args.repeats, device)
-        naive = rows.get("naive", {})
+        naive = rows.get("naive_grpo" if args.op == "grpo" else "naive", {})
         for v, r in rows.items():
             if "median_s" not in r:
                 print(f"{T:>6} {v:>15} {'-':>9} {'-':>9} {'-':>10} {'-':>9}  skipped: {r.get('skipped')}")
@@ -278,9 +339,12 @@ def main() -> None:
                 f"  {note}"
             )
         report["results"].append({"T": T, "gemm4_s": gemm4, "variants": rows})
+    report["load_after"] = _load()
+    print(f"load after: {report['load_after']}")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"logprob_{device}{'_quick' if args.quick else ''}.json"
+    stem = "linear_grpo_loss" if args.op == "grpo" else "logprob"
+    path = out_dir / f"{stem}_{device}{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

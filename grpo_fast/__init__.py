@@ -18,7 +18,7 @@ _EXPORTS = {
     "SharedPrefixSampler": "grpo_fast.sampler",
     "linear_logprobs": "grpo_fast.kernels.logprob",
     "grpo_loss": "grpo_fast.kernels.grpo_loss",
-    "linear_grpo_loss": "grpo_fast.kernels.grpo_loss",
+    "linear_grpo_loss": "grpo_fast.kernels.linear_grpo_loss",
     "group_advantages": "grpo_fast.kernels.advantages",
 }
 

@@ -1,5 +1,5 @@
 """GRPO policy loss (every TRL 1.16 loss type, token- and sequence-level importance sampling, k3 KL) in one Triton
-pass per direction, plus the fused LM-head variant ``linear_grpo_loss``.
+pass per direction (the fused LM-head variant is ``linear_grpo_loss.py``).
 
 One program per sequence row: sequence-level importance weights (GSPO) and VESPO's Gamma weight are row
 reductions, done inside the kernel in a first loop over L. The forward writes per-row partial sums (loss
@@ -16,7 +16,6 @@ import torch
 
 from ._backend import use_triton
 from ._triton import tl, triton
-from .logprob import linear_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IS_LEVELS = ("token", "sequence")
@@ -533,41 +532,6 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_qua
     above = rank.ceil().long()
     thr = torch.lerp(srt[below], srt[above], rank - below)
     return ((entropy * mask.float()) >= thr) & valid
-
-
-def linear_grpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    completion_shape: tuple[int, int],
-    temperature: float = 1.0,
-    bias: torch.Tensor | None = None,
-    top_entropy_quantile: float = 1.0,
-    **loss_kwargs,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused LM head + GRPO loss: ``linear_logprobs`` (log-probs and entropies, never ``[T, V]`` logits) chained
-    into ``grpo_loss``. ``hidden [T, D]`` and ``targets [T]`` are the completion positions flattened row-major,
-    ``T = N·L`` with ``completion_shape=(N, L)`` (padding positions included; the mask removes them). ``weight`` is
-    ``[V, D]``, ``bias`` ``[V]``. ``top_entropy_quantile < 1`` builds TRL's entropy mask from the entropies.
-    Other keyword arguments are ``grpo_loss``'s. Gradients flow to hidden, weight and bias."""
-    N, L = completion_shape
-    if hidden.dim() != 2 or hidden.shape[0] != N * L:
-        raise ValueError(f"hidden must be [N*L, D] = [{N * L}, D] for completion_shape={completion_shape}, "
-                         f"got {tuple(hidden.shape)}")
-    if targets.shape != (N * L,):
-        raise ValueError(f"targets must have shape ({N * L},), got {tuple(targets.shape)}")
-    logp, entropy = linear_logprobs(hidden, weight, targets, temperature, bias, return_entropy=True)
-    logp = logp.view(N, L)  # [N, L]
-    entropy = entropy.detach().view(N, L)  # [N, L]
-    emask = None
-    if top_entropy_quantile < 1.0:
-        emask = high_entropy_mask(entropy, mask, top_entropy_quantile)
-    return grpo_loss(logp, old_logp, ref_logp, advantages, mask, entropy=entropy, entropy_mask=emask, **loss_kwargs)
 
 
 def grpo_loss_ref(

@@ -1,0 +1,201 @@
+"""linear_grpo_loss: the fused 3-GEMM path and the chained fallback against an unfused fp64 reference (materialized
+logits → grpo_loss_ref) over every loss type × IS level × β × on/off-policy, GEMM counting (fast path taken, no
+[T, V] tensor), return_logp, poison, half precision, validation."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from grpo_fast.kernels.grpo_loss import LOSS_TYPES
+from grpo_fast.kernels.linear_grpo_loss import linear_grpo_loss, linear_grpo_loss_ref
+from grpo_fast.kernels.logprob import linear_logprobs
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+N, L, D, V = 4, 7, 48, 4231
+CHUNK = 5  # does not divide T = 28
+
+
+def _problem(seed=0, N=N, L=L):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N * L, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.3
+    bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.5
+    targets = torch.randint(0, V, (N * L,), generator=g)
+    lengths = torch.tensor([0, 1, L] + [4] * (N - 3))  # a row of length 0 and one of length 1
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
+    targets.view(N, L)[3, 5] = -100  # an ignored position (masked out too, as padding is)
+    targets.view(N, L)[0, 2] = -100  # one inside a fully masked row
+    # Old and ref log-probs near the current ones (computed once in fp64), so ratios straddle the clip range.
+    logp = linear_logprobs(hidden.float(), weight.float(), targets, 0.7, bias.float()).double().view(N, L)
+    old = logp + torch.randn(N, L, generator=g, dtype=torch.float64) * 0.3
+    ref = logp + torch.randn(N, L, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    return hidden, weight, bias, targets, old, ref, adv, mask
+
+
+def _run(fn, prob, dtype, dev="cpu", use_bias=True, on_policy=False, **kw):
+    """forward + backward → (loss, d hidden, d weight, d bias or None, metrics) on the CPU."""
+    hidden, weight, bias, targets, old, ref, adv, mask = prob
+    N, L = mask.shape
+    h = hidden.to(dev, dtype).detach().requires_grad_()
+    w = weight.to(dev, dtype).detach().requires_grad_()
+    b = bias.to(dev, dtype).detach().requires_grad_() if use_bias else None
+    loss, metrics = fn(h, w, targets.to(dev), None if on_policy else old.to(dev, dtype), ref.to(dev, dtype),
+                       adv.to(dev, dtype), mask.to(dev), completion_shape=(N, L), bias=b, **kw)
+    loss.backward()
+    return (loss.detach().cpu(), h.grad.cpu(), w.grad.cpu(), None if b is None else b.grad.cpu(),
+            {k: v.cpu() for k, v in metrics.items()})
+
+
+def _check(ours, ref64, plain, assert_close_2x, what=""):
+    for i, name in enumerate(("loss", "d hidden", "d weight", "d bias")):
+        if ref64[i] is not None:
+            assert_close_2x(ours[i], ref64[i], plain[i], atol=1e-6, name=f"{what} {name}")
+    assert set(ours[4]) == set(ref64[4])
+    for k in ref64[4]:
+        torch.testing.assert_close(ours[4][k].double(), ref64[4][k], atol=1e-5, rtol=1e-4, equal_nan=True, msg=k)
+
+
+CASES = list(itertools.product(LOSS_TYPES, ["token", "sequence"], [0.0, 0.04], [False, True]))
+
+
+@pytest.mark.parametrize("loss_type,level,beta,on_policy", CASES,
+                         ids=[f"{lt}-{lv}-b{b}-{'on' if o else 'off'}" for lt, lv, b, o in CASES])  # fmt: skip
+def test_matches_unfused_fp64(loss_type, level, beta, on_policy, assert_close_2x):
+    i = CASES.index((loss_type, level, beta, on_policy))
+    prob = _problem(seed=i % 3)
+    kw = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, max_completion_length=9,
+              temperature=(0.7, 1.3)[i % 2], epsilon_high=1.1 if loss_type == "cispo" else 0.28,
+              num_items_in_batch=30 if i % 4 == 0 else None)
+    use_bias = i % 3 != 1
+    ref64 = _run(linear_grpo_loss_ref, prob, torch.float64, use_bias=use_bias, on_policy=on_policy, **kw)
+    plain = _run(linear_grpo_loss_ref, prob, torch.float32, use_bias=use_bias, on_policy=on_policy, **kw)
+    ours = _run(linear_grpo_loss, prob, torch.float32, DEV, use_bias=use_bias, on_policy=on_policy,
+                chunk_size=CHUNK, **kw)
+    _check(ours, ref64, plain, assert_close_2x, f"{loss_type}/{level}")
+    assert ours[4]["entropy"] > 0
+
+
+class _CountGemms(TorchDispatchMode):
+    """Counts matrix products (mm, addmm) and records the largest tensor any op produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemms, self.largest = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_,
+                                   torch.ops.aten.matmul):  # fmt: skip
+            self.gemms += 1
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_fast_path_taken_three_gemms_no_full_logits():
+    N, L = 8, 16  # T = 128 > D: the [V, D] gradient is smaller than [T, V] / 2
+    prob, chunk = _problem(N=N, L=L), 19  # 7 chunks, the last one of 14 rows
+    counts = {}
+    for name, level in (("fused", "token"), ("chained", "sequence")):
+        with _CountGemms() as mode:
+            _run(linear_grpo_loss, prob, torch.float32, beta=0.04, importance_sampling_level=level,
+                 chunk_size=chunk)
+        counts[name] = mode.gemms
+        assert mode.largest < N * L * V / 2, f"{name}: a tensor of {mode.largest} elements (≥ [T, V] / 2)"
+    chunks = -(-N * L // chunk)
+    assert counts["fused"] == 3 * chunks, counts
+    assert counts["chained"] >= 4 * chunks, counts
+    with _CountGemms() as mode:  # frozen LM head: the d_weight GEMM is skipped
+        hidden, weight, _, targets, old, ref, adv, mask = prob
+        h = hidden.float().requires_grad_()
+        loss, _ = linear_grpo_loss(h, weight.float(), targets, old.float(), ref.float(), adv.float(), mask,
+                                   completion_shape=(N, L), chunk_size=chunk)
+        loss.backward()
+    assert mode.gemms == 2 * chunks
+
+
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.6])
+def test_return_logp_and_entropy_mask(top_entropy_quantile, assert_close_2x):
+    prob = _problem(seed=4)
+    hidden, weight, bias, targets, old, ref, adv, mask = prob
+    kw = dict(completion_shape=(N, L), temperature=0.7, loss_type="grpo", beta=0.04,
+              top_entropy_quantile=top_entropy_quantile)
+    loss, metrics, logp, ent = linear_grpo_loss(hidden.float(), weight.float(), targets, old.float(), ref.float(),
+                                                adv.float(), mask, chunk_size=CHUNK, return_logp=True, **kw)
+    _, _, lp64, ent64 = linear_grpo_loss_ref(hidden, weight, targets, old, ref, adv, mask, return_logp=True, **kw)
+    assert logp.shape == ent.shape == (N, L) and not logp.requires_grad and not ent.requires_grad
+    torch.testing.assert_close(logp.double(), lp64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), ent64, atol=1e-5, rtol=1e-5)
+    # and the gradients of the entropy-masked (chained) variant against the fp64 reference
+    kw.pop("completion_shape")
+    kw.pop("temperature")
+    ref64 = _run(linear_grpo_loss_ref, prob, torch.float64, use_bias=False, temperature=0.7, **kw)
+    plain = _run(linear_grpo_loss_ref, prob, torch.float32, use_bias=False, temperature=0.7, **kw)
+    ours = _run(linear_grpo_loss, prob, torch.float32, DEV, use_bias=False, temperature=0.7, **kw)
+    _check(ours, ref64, plain, assert_close_2x, f"q={top_entropy_quantile}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backends_and_default_chunk(backend, force_backend, assert_close_2x):
+    """The chained path's linear_logprobs / grpo_loss on either backend, and the fused path's default chunk."""
+    prob = _problem(seed=5)
+    force_backend(backend)
+    for level in ("token", "sequence"):
+        kw = dict(loss_type="dapo", importance_sampling_level=level, beta=0.04, temperature=1.3)
+        ref64 = _run(linear_grpo_loss_ref, prob, torch.float64, **kw)
+        plain = _run(linear_grpo_loss_ref, prob, torch.float32, **kw)
+        ours = _run(linear_grpo_loss, prob, torch.float32, DEV, **kw)
+        _check(ours, ref64, plain, assert_close_2x, f"{backend}/{level}")
+
+
+def test_poisoned_outputs(poison):
+    prob = _problem(seed=6)
+    out = _run(linear_grpo_loss, prob, torch.float32, beta=0.04, chunk_size=CHUNK)
+    assert torch.isfinite(out[0]) and all(torch.isfinite(t).all() for t in out[1:4])
+    assert all(torch.isfinite(v) for v in out[4].values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype, assert_close_2x):
+    prob = _problem(seed=7)
+    kw = dict(loss_type="dapo", beta=0.04, temperature=0.7)
+    ref64 = _run(linear_grpo_loss_ref, prob, torch.float64, **kw)
+    plain = _run(linear_grpo_loss_ref, prob, dtype, **kw)
+    ours = _run(linear_grpo_loss, prob, dtype, DEV, chunk_size=CHUNK, **kw)
+    assert ours[1].dtype == ours[2].dtype == ours[3].dtype == dtype
+    for i, name in enumerate(("loss", "d hidden", "d weight", "d bias")):
+        assert_close_2x(ours[i], ref64[i], plain[i], atol=1e-5, name=name)
+
+
+def test_no_grad_and_single_backward():
+    hidden, weight, _, targets, old, ref, adv, mask = _problem()
+    args = (targets, old.float(), ref.float(), adv.float(), mask)
+    with torch.no_grad():
+        loss, _ = linear_grpo_loss(hidden.float(), weight.float(), *args, completion_shape=(N, L))
+    assert not loss.requires_grad
+    w = weight.float().requires_grad_()
+    loss, _ = linear_grpo_loss(hidden.float(), w, *args, completion_shape=(N, L))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already consumed"):
+        loss.backward()
+
+
+def test_validation():
+    hidden, weight, _, targets, old, ref, adv, mask = _problem()
+    args = (hidden.float(), weight.float(), targets, old.float(), ref.float(), adv.float(), mask)
+    with pytest.raises(ValueError, match="completion_shape"):
+        linear_grpo_loss(*args, completion_shape=(N, L + 1))
+    with pytest.raises(ValueError, match="computes entropy"):
+        linear_grpo_loss(*args, completion_shape=(N, L), entropy=old.float())
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        linear_grpo_loss(*args, completion_shape=(N, L), epsilonn=0.1)
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        linear_grpo_loss(*args[:5], adv[:2].float(), mask, completion_shape=(N, L))
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        linear_grpo_loss(*args, completion_shape=(N, L), loss_type="ppo")
