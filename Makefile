@@ -35,11 +35,14 @@ test-fast: .installed-test
 demo: .installed-test
 	PYTHONSAFEPATH=1 $(BIN)/grpo-fast train --config configs/demo.yaml
 
+# Scripts put their own folder (benchmarks/) on sys.path, not the checkout's root, so kernels/ cannot shadow.
 bench: .installed-test
-	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_logprob.py
-	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_grpo_loss.py
-	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_sampler.py
-	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_logprob.py
+	$(PY) benchmarks/bench_logprob.py --op grpo
+	$(PY) benchmarks/bench_grpo_loss.py
+	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_update.py
+	$(PY) benchmarks/bench_e2e.py
 
 clean:
 	rm -rf $(VENV) .installed-test build *.egg-info

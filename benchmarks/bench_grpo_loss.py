@@ -24,13 +24,13 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from grpo_fast.kernels.grpo_loss import grpo_loss, grpo_loss_ref
+from common import git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 # Peak HBM bandwidth by device-name substring, most specific first ("NVIDIA H100 80GB HBM3" is the SXM part).
@@ -84,14 +84,6 @@ def _bytes_moved(N, L, logp, mask):
     return forward + backward
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "uncommitted"
-    except OSError:
-        return "uncommitted"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
@@ -121,7 +113,7 @@ def main() -> None:
         notes.append("liger_kernel is not installed: the Liger variant was skipped")
     if device == "cpu":
         notes.append("CPU: 'ours' runs the same PyTorch math as 'ref' (no kernel on the CPU): any difference is noise")
-    report = {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": _git_commit(),
+    report = {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": git_commit("kernels", "benchmarks"),
               "loss": "dapo, token level, beta=0.04, off-policy, fp32 logp, int64 mask", "warmup": args.warmup,
               "repeats": repeats, "peak_bandwidth_bytes_s": peak, "notes": notes, "results": []}
     kw = dict(loss_type="dapo", beta=0.04)

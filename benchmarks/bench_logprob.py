@@ -29,8 +29,6 @@ times are noisy; the JSON keeps every repeat.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import importlib.util
 import json
 import os
@@ -41,29 +39,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import git_commit, load_average, proc_status_bytes, reset_cpu_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("naive", "ours", "compile", "compile_chunked", "liger")
 GRPO_VARIANTS = ("naive_grpo", "chained_grpo", "fused_grpo")
 GRPO_L = 256  # completion length of the --op grpo problem: N = T / 256 rows
 CHUNK_ROWS = 1024  # rows per checkpointed chunk of the compile_chunked variant
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_cpu_peak() -> int:
-    """Returns freed heap to the OS, resets the peak-RSS mark (VmHWM), and returns the current RSS."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status_bytes("VmRSS")
 
 
 def _grpo_inputs(t: torch.Tensor):
@@ -171,9 +153,9 @@ def memory_worker(variant: str, T: int, D: int, V: int, dtype_name: str, device:
         step()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _reset_cpu_peak()
+        base = reset_cpu_peak()
         step()
-        peak = _proc_status_bytes("VmHWM") - base
+        peak = proc_status_bytes("VmHWM") - base
     grads = (h.numel() + w.numel()) * h.element_size()
     return {"peak_extra_bytes": peak, "peak_extra_beyond_grads_bytes": peak - grads}
 
@@ -244,28 +226,6 @@ def _measure(variants, T, D, V, dtype, repeats, device) -> tuple[dict, float | N
     return rows, gemm4
 
 
-def _git_commit() -> str:
-    """HEAD, with "-dirty" when the op or this script differ from it; "uncommitted" outside a repository."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        if head.returncode != 0 or not head.stdout.strip():
-            return "uncommitted"
-        files = ["kernels/logprob.py", "kernels/linear_grpo_loss.py", "kernels/grpo_loss.py",
-                 "benchmarks/bench_logprob.py"]
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], capture_output=True, text=True, cwd=ROOT)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "uncommitted"
-
-
-def _load() -> str:
-    """``uptime``'s load averages: the machine may be shared, and then every time here is inflated."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one small shape (T=256, V=8192)")
@@ -304,9 +264,9 @@ def main() -> None:
         triton_version = None
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     report = {
-        "device": name, "torch": torch.__version__, "triton": triton_version, "commit": _git_commit(),
+        "device": name, "torch": torch.__version__, "triton": triton_version, "commit": git_commit("kernels", "benchmarks"),
         "op": args.op, "dtype": dtype, "D": D, "V": V, "repeats": args.repeats, "results": [],
-        "load_before": _load(),
+        "load_before": load_average(),
         "memory_method": "CUDA max_memory_allocated delta" if device == "cuda" else
         "peak RSS (VmHWM) delta of one fwd+bwd after a warm-up, fresh subprocess per variant; includes the grads",
     }  # fmt: skip
@@ -339,7 +299,7 @@ def main() -> None:
                 f"  {note}"
             )
         report["results"].append({"T": T, "gemm4_s": gemm4, "variants": rows})
-    report["load_after"] = _load()
+    report["load_after"] = load_average()
     print(f"load after: {report['load_after']}")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

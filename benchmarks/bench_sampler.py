@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import transformers
 
 from grpo_fast.sampler import SharedPrefixSampler
+from common import git_commit
 
 _WORDS = ("the model samples several answers for every prompt and the trainer compares them within the group so "
           "that better answers are reinforced while worse ones are discouraged by the advantage").split()
@@ -90,14 +90,6 @@ def _hf_generate(model, prompts, g, new_tokens, pad, seed):
     return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=g,
                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=1.0, top_p=1.0,
                           top_k=0, pad_token_id=pad)
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def main():
@@ -186,7 +178,7 @@ def main():
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "commit": _commit(), "model": "random-init SmolLM2-135M shape"
+        "transformers": transformers.__version__, "commit": git_commit(), "model": "random-init SmolLM2-135M shape"
         if args.random_init else "SmolLM2-135M-Instruct", "dtype": str(args.dtype), "prompts": len(prompts),
         "prompt_lens": [len(p) for p in prompts], "group_size": g, "new_tokens": new, "repeats": args.repeats,
         "loadavg_after": os.getloadavg(),

@@ -20,8 +20,6 @@ gradients on a small P; it refuses to print a speed-up otherwise. CPU timings on
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -31,26 +29,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import git_commit, proc_status_bytes, reset_cpu_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("padded", "shared_prefix")
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_cpu_peak() -> int:
-    """Returns freed heap to the OS, resets the peak-RSS mark (VmHWM), and returns the current RSS."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status_bytes("VmRSS")
 
 
 def _model(weights: str, device: str, dtype: torch.dtype):
@@ -121,12 +103,12 @@ def worker(variant: str, P: int, L: int, G: int, weights: str, dtype_name: str, 
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            base = _reset_cpu_peak()
+            base = reset_cpu_peak()
         t0 = time.perf_counter()
         timed()
         times.append(time.perf_counter() - t0)
         if peak is None:
-            peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")) - base
+            peak = (torch.cuda.max_memory_allocated() if device == "cuda" else proc_status_bytes("VmHWM")) - base
     return {"variant": variant, "P": P, "tokens": _tokens(variant, P, L, G), "peak_extra_bytes": peak,
             "times_s": times, "median_s": statistics.median(times)}
 
@@ -160,15 +142,6 @@ def _run(variant, P, L, G, weights, dtype, repeats, device, threads) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
-        return (out.stdout.strip() or "uncommitted") + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "uncommitted"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 repeat per case")
@@ -200,7 +173,7 @@ def main() -> None:
     ok = check["same_params"] and check["max_rel_grad_diff"] < (1e-3 if device == "cpu" else 5e-2)
     report = {
         "device": name, "torch": torch.__version__, "transformers": transformers.__version__,
-        "commit": _git_commit(), "dtype": dtype, "weights": args.weights, "model": "SmolLM2-135M",
+        "commit": git_commit(), "dtype": dtype, "weights": args.weights, "model": "SmolLM2-135M",
         "B": 1, "G": G, "L": L, "repeats": repeats, "threads": args.threads or torch.get_num_threads(),
         "equality_check": check, "equality_ok": ok,
         "memory_method": "CUDA max_memory_allocated delta" if device == "cuda" else

@@ -1,0 +1,51 @@
+"""Helpers every benchmark script shares: the commit a result belongs to, the machine's load, CPU peak memory."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(*paths: str) -> str:
+    """HEAD, with "-dirty" when any of ``paths`` (all tracked files when none) differs from it; "uncommitted"
+    outside a repository."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        if head.returncode != 0 or not head.stdout.strip():
+            return "uncommitted"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
+                               capture_output=True, text=True, cwd=ROOT)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "uncommitted"
+
+
+def load_average() -> str:
+    """``uptime``'s load averages: on a shared machine every time is inflated, so results record it."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def proc_status_bytes(field: str) -> int:
+    """A byte count from /proc/self/status (VmRSS, VmHWM, ...); Linux only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_cpu_peak() -> int:
+    """Returns freed heap to the OS, resets the peak-RSS mark (VmHWM), and returns the current RSS; the peak extra
+    memory of what runs next is then ``proc_status_bytes("VmHWM") - reset_cpu_peak()``."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_bytes("VmRSS")
