@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 FEW_SHOT = (
     "Solve each addition. Show only the result.\n"
@@ -50,13 +51,13 @@ def make_rows(kind: str, n: int, seed: int = 0) -> list[dict]:
 CONFIGS = {"short": {"max_completion_length": 24}, "long": {"max_completion_length": 32}}
 
 
-class StepTimer:
-    """Records the wall time at each optimizer step's end (works as a TRL and a grpo_fast callback)."""
+class StepTimer(TrainerCallback):
+    """Records the wall time at each optimizer step's end (a transformers callback: TRL and grpo_fast call it)."""
 
     def __init__(self):
         self.times: list[float] = []
 
-    def on_step_end(self, *args, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter())
 
 

@@ -37,7 +37,7 @@ from grpo_fast.kernels.grpo_loss import grpo_loss, high_entropy_mask
 from grpo_fast.memory import OOM_HINT, preflight
 from grpo_fast.metrics import MetricsLog
 from grpo_fast.models import load_model, prepare_tokenizer
-from grpo_fast.sampler import SharedPrefixSampler
+from grpo_fast.sampler import SampleOutput, SharedPrefixSampler
 
 
 @dataclass
@@ -174,6 +174,8 @@ class GRPOTrainer:
                 f"num_generations = {args.num_generations}"
             )
         self.prompts_per_rank = local // args.num_generations
+        if args.skip_zero_std_groups and self.world_size > 1:
+            raise ValueError("skip_zero_std_groups (dynamic sampling) runs in one process only; set it to False")
         self.step = 0  # optimizer steps
         self.micro_step = 0  # minibatches processed
         self.generation = 0
@@ -307,6 +309,10 @@ class GRPOTrainer:
         prompt_ids, out = self._sample(rows, first_index=first)
         t1 = time.perf_counter()
         rewards, counters = self._score(rows, out, g)
+        if args.skip_zero_std_groups:
+            rows, prompt_ids, out, rewards, counters["skipped_zero_std_groups"] = self._dynamic_sampling(
+                rows, prompt_ids, out, rewards
+            )
         t2 = time.perf_counter()
         mask = out.completion_mask.to(self.device)
         truncated = torch.tensor([r == "length" for r in out.finish_reasons], device=self.device)
@@ -350,6 +356,38 @@ class GRPOTrainer:
         }
         self.generation += 1
         return rollout, metrics
+
+    def _dynamic_sampling(self, rows, prompt_ids, out, rewards, max_rounds: int = 4):
+        """DAPO's dynamic sampling: groups whose rewards are all equal carry no signal; drop them and sample more
+        prompts until the batch is full again (at most ``max_rounds`` extra rounds, then zero-std groups fill the
+        rest). Returns the new batch and how many groups were dropped. One process only."""
+        g, b = self.args.num_generations, len(rows)
+        weights = torch.tensor(self.args.reward_weights or [1.0] * rewards.shape[1], device=rewards.device)
+        keep, pool, dropped = [], [], 0
+        for round_ in range(max_rounds + 1):
+            total = (rewards * weights).nansum(1).masked_fill(rewards.isnan().all(1), float("nan")).view(-1, g)
+            for j in range(len(rows)):
+                valid = total[j][~total[j].isnan()]
+                entry = (rows[j], prompt_ids[j], out, j, rewards[j * g : (j + 1) * g])
+                if valid.numel() >= 2 and valid.std() > 1e-6 * valid.abs().max().clamp(min=1.0):
+                    keep.append(entry)
+                else:
+                    pool.append(entry)
+                    dropped += 1
+            if len(keep) >= b or round_ == max_rounds:
+                break
+            first = self.order.position
+            rows = [self.train_rows[i] for i in self.order.take(b - len(keep))]
+            prompt_ids, out = self._sample(rows, first_index=first)
+            rewards, _ = self._score(rows, out, g)
+        chosen = (keep + pool)[:b]
+        return (
+            [e[0] for e in chosen],
+            [e[1] for e in chosen],
+            _concat_groups([(e[2], e[3]) for e in chosen], g, self.pad_id),
+            torch.cat([e[4] for e in chosen]),
+            float(dropped),
+        )
 
     # ---------------------------------------------------------------- update
     def _minibatch_loss(self, rollout: Rollout, k: int, first: bool) -> tuple[torch.Tensor, dict]:
@@ -500,17 +538,26 @@ class GRPOTrainer:
             self._pending.clear()
             self.log.log(self.step, logs)
             progress.set_postfix({k: f"{logs[k]:.3f}" for k in ("reward", "loss") if logs.get(k) is not None})
-            for cb in self.callbacks:
-                if hasattr(cb, "on_log"):
-                    cb.on_log(self, logs)
+            self._callback("on_log", logs=logs)
         if eval_every and self.eval_rows is not None and self.step % eval_every == 0:
             self.log.log(self.step, self.evaluate())
         if save_every and self.step % save_every == 0:
             self.save_checkpoint()
-        for cb in self.callbacks:
-            if hasattr(cb, "on_step_end"):
-                cb.on_step_end(self)
+        self._callback("on_step_end")
         progress.update(1)
+
+    def _callback(self, event: str, **kwargs) -> None:
+        """transformers' TrainerCallback protocol: ``cb.<event>(args, state, control, trainer=..., **kwargs)`` with
+        a TrainerState holding global_step, max_steps and log_history, so TRL users' callbacks work unchanged."""
+        if not self.callbacks:
+            return
+        from transformers import TrainerControl, TrainerState
+
+        state = TrainerState(global_step=self.step, max_steps=self.max_steps, log_history=self.log.history,
+                             is_world_process_zero=self.is_main)
+        for cb in self.callbacks:
+            if hasattr(cb, event):
+                getattr(cb, event)(self.args, state, TrainerControl(), trainer=self, **kwargs)
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict] | None = None, batch_prompts: int = 16) -> dict[str, float]:
@@ -594,6 +641,24 @@ class GRPOTrainer:
         self.generation = state["generation"]
         self.order.position = state["data_position"]
         self.consecutive_skips = state["consecutive_skips"]
+
+
+def _concat_groups(groups: list, g: int, pad_id: int) -> SampleOutput:
+    """One SampleOutput from groups picked out of several (``(output, group index)`` pairs), padded to one L."""
+    L = max(out.completion_ids.shape[1] for out, _ in groups)
+
+    def rows_of(t, j, fill):
+        part = t[j * g : (j + 1) * g]
+        return torch.nn.functional.pad(part, (0, L - part.shape[1]), value=fill)
+
+    return SampleOutput(
+        completion_ids=torch.cat([rows_of(out.completion_ids, j, pad_id) for out, j in groups]),
+        completion_mask=torch.cat([rows_of(out.completion_mask, j, 0) for out, j in groups]),
+        logprobs=torch.cat([rows_of(out.logprobs, j, 0.0) for out, j in groups]),
+        texts=[t for out, j in groups for t in out.texts[j * g : (j + 1) * g]],
+        finish_reasons=[r for out, j in groups for r in out.finish_reasons[j * g : (j + 1) * g]],
+        prompt_ids=[out.prompt_ids[j] for out, j in groups],
+    )
 
 
 def _call_with_timeout(func, timeout: float, **kwargs):

@@ -255,3 +255,17 @@ def test_preflight_warns_when_batch_cannot_fit(tmp_path, monkeypatch):
     t = _trainer(tmp_path, [alternating])
     with pytest.warns(UserWarning, match="lower per_device_train_batch_size"):
         t.train()
+
+
+def test_dynamic_sampling_replaces_zero_std_groups(tmp_path):
+    def by_prompt(prompts, completions, **kw):  # "1+1=" groups always score 0.5: no signal
+        return [0.5 if p == "1+1=" else float(i % 2) for i, p in enumerate(prompts)]
+
+    rows = [{"prompt": "1+1="}, {"prompt": "2+2="}, {"prompt": "3+3="}, {"prompt": "1+1="}]
+    row = _run(_trainer(tmp_path, [by_prompt], rows=rows, skip_zero_std_groups=True, max_steps=2))
+    assert row["frac_reward_zero_std"] == 0.0  # every kept group carries signal
+
+    flat = [{"prompt": "1+1="}]
+    row = _run(_trainer(tmp_path / "flat", [by_prompt], rows=flat, skip_zero_std_groups=True))
+    assert row["skipped_zero_std_groups"] == 10.0  # 2 groups x (1 + 4 extra rounds), then the batch is filled anyway
+    assert row["frac_reward_zero_std"] == 1.0

@@ -177,3 +177,23 @@ def test_shared_prefix_update_equals_padded_update(tmp_path, kind):
     assert abs(row_s["grad_norm"] - row_p["grad_norm"]) <= 1e-4 * max(row_p["grad_norm"], 1e-3)
     for k in p_p:
         torch.testing.assert_close(p_s[k], p_p[k], rtol=1e-5, atol=2e-5, msg=k)
+
+
+def test_transformers_callbacks_are_called(tmp_path):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.steps, self.logged = [], []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logged.append(logs["reward"])
+
+    rec = Recorder()
+    t = GRPOTrainer(tiny_causal_lm(), [digit_reward], args=_config(tmp_path, max_steps=2), processing_class=tiny_tokenizer(),
+                    train_dataset=[{"prompt": "3+4="}], callbacks=[rec])
+    t.train()
+    assert rec.steps == [1, 2] and len(rec.logged) == 2
