@@ -22,9 +22,9 @@ def estimate_bytes(model, args, prompt_tokens: int, has_ref: bool) -> dict[str, 
     """A coarse upper estimate, in bytes, of what one optimizer step holds at its peak.
 
     weights + gradients + AdamW's two moments (+ a frozen reference copy); the sampler's KV cache, one prompt
-    per group plus G suffixes (B·P + N·L tokens); the update's activations for one minibatch, counted as ~34·D
-    bytes per token and layer in fp32 (attention and MLP inputs kept for backward; far less with gradient
-    checkpointing); the fused head keeps only chunk × V logits.
+    per group plus G suffixes (B·P + N·L tokens); the update's activations for one minibatch — B·P + N·L tokens
+    with the shared-prefix update, N·(P + L) without — counted as ~18·D values per token and layer (attention and
+    MLP inputs kept for backward; ~2·D with gradient checkpointing); the fused head keeps only chunk × V logits.
     """
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -40,8 +40,11 @@ def estimate_bytes(model, args, prompt_tokens: int, has_ref: bool) -> dict[str, 
     L = args.max_completion_length or 256
     kv_tokens = b * prompt_tokens + n * L
     minibatch = args.per_device_train_batch_size
-    act_tokens = minibatch * (prompt_tokens + L)
-    act_per_token = (2 * d if args.gradient_checkpointing else 34 * d) * 4 * layers
+    if args.shared_prefix_update and minibatch % g == 0:
+        act_tokens = minibatch // g * prompt_tokens + minibatch * L
+    else:
+        act_tokens = minibatch * (prompt_tokens + L)
+    act_per_token = (2 if args.gradient_checkpointing else 18) * d * width * layers
     return {
         "weights_grads_optimizer": n_params * width * (4 + (1 if has_ref else 0)),
         "kv_cache": kv_tokens * layers * 2 * kv_heads * head_dim * width,
