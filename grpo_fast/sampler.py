@@ -23,6 +23,7 @@ last few tokens of each active row on the host; the repetition penalty is applie
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -233,9 +234,14 @@ class SharedPrefixSampler:
                 raise ValueError(f"{type(model).__name__} does not route attention through transformers' "
                                  "AttentionInterface; SharedPrefixSampler cannot serve it")
             model.eval()
-            return self._generate(prompt_ids, group_size, max_new_tokens, float(temperature), float(top_p),
-                                  top_k or 0, min_p or 0.0, float(repetition_penalty), stop or [], seed,
-                                  return_truncated_logprobs, ignore_eos, eos, pad)
+            # inference mode drops autograd bookkeeping from every decode op; its tensors cannot enter a later
+            # autograd graph, so the (small) outputs are cloned back to ordinary tensors outside it
+            with torch.inference_mode():
+                out = self._generate(prompt_ids, group_size, max_new_tokens, float(temperature), float(top_p),
+                                     top_k or 0, min_p or 0.0, float(repetition_penalty), stop or [], seed,
+                                     return_truncated_logprobs, ignore_eos, eos, pad)
+            tensors = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+            return dataclasses.replace(out, **{k: v.clone() for k, v in tensors.items() if torch.is_tensor(v)})
         finally:
             model.set_attn_implementation(prev_impl)
             model.train(was_training)
