@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from common import git_commit, load_average
 from transformers import TrainerCallback
 
 FEW_SHOT = (
@@ -166,24 +166,23 @@ def main():
     for kind in args.configs.split(","):
         ours = run_grpo_fast(args, kind, work)
         theirs = run_trl(args, kind, work)
-        rows.append({"config": kind, "grpo_fast": ours, "trl": theirs, "speedup": theirs["s_per_step"] / ours["s_per_step"]})
+        speedup = theirs["s_per_step"] / ours["s_per_step"]
+        rows.append({"config": kind, "grpo_fast": ours, "trl": theirs, "speedup": speedup})
         print(f"\n[{kind}] prompt ≈{ours['prompt_tokens']} tokens, {args.prompts} prompts x G={args.num_generations}")
         print(f"{'':10s} {'s/step':>8s} {'sampling':>9s} {'reward':>8s} {'update':>8s} {'mean len':>9s}")
         for name, r in (("grpo_fast", ours), ("trl", theirs)):
             print(f"{name:10s} {r['s_per_step']:8.2f} {r['sampling_s']:9.2f} {r['reward_s']:8.3f} {r['update_s']:8.2f} "
                   f"{r['mean_completion_length']:9.1f}")
         print(f"speed-up: {rows[-1]['speedup']:.2f}x")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     result = {
-        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device,
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-        "commit": commit, "args": vars(args), "results": rows,
+        "commit": git_commit(), "load": load_average(), "args": vars(args), "results": rows,
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"e2e_{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
+    suffix = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out or Path(__file__).parent / "results" / f"e2e_{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out}")

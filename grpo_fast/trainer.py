@@ -573,7 +573,9 @@ class GRPOTrainer:
             _, out = self._sample(chunk, greedy=True, group_size=1)
             scores.append(self._score(chunk, out, 1)[0])
         rewards = torch.cat(scores)  # [n, R]
-        metrics = {f"eval_rewards/{n}/mean": torch.nanmean(rewards[:, i]).item() for i, n in enumerate(self.reward_names)}
+        metrics = {
+            f"eval_rewards/{name}/mean": torch.nanmean(rewards[:, i]).item() for i, name in enumerate(self.reward_names)
+        }
         metrics["eval_reward"] = torch.nanmean(rewards.nansum(1)).item()
         return metrics
 

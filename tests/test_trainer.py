@@ -193,7 +193,7 @@ def test_transformers_callbacks_are_called(tmp_path):
             self.logged.append(logs["reward"])
 
     rec = Recorder()
-    t = GRPOTrainer(tiny_causal_lm(), [digit_reward], args=_config(tmp_path, max_steps=2), processing_class=tiny_tokenizer(),
-                    train_dataset=[{"prompt": "3+4="}], callbacks=[rec])
+    t = GRPOTrainer(tiny_causal_lm(), [digit_reward], args=_config(tmp_path, max_steps=2),
+                    processing_class=tiny_tokenizer(), train_dataset=[{"prompt": "3+4="}], callbacks=[rec])
     t.train()
     assert rec.steps == [1, 2] and len(rec.logged) == 2
