@@ -548,16 +548,20 @@ class GRPOTrainer:
 
     def _callback(self, event: str, **kwargs) -> None:
         """transformers' TrainerCallback protocol: ``cb.<event>(args, state, control, trainer=..., **kwargs)`` with
-        a TrainerState holding global_step, max_steps and log_history, so TRL users' callbacks work unchanged."""
+        a TrainerState holding global_step, max_steps and log_history, so TRL users' callbacks work unchanged; a
+        callback setting ``control.should_training_stop`` ends the run after this step."""
         if not self.callbacks:
             return
         from transformers import TrainerControl, TrainerState
 
         state = TrainerState(global_step=self.step, max_steps=self.max_steps, log_history=self.log.history,
                              is_world_process_zero=self.is_main)
+        control = TrainerControl()
         for cb in self.callbacks:
             if hasattr(cb, event):
-                getattr(cb, event)(self.args, state, TrainerControl(), trainer=self, **kwargs)
+                getattr(cb, event)(self.args, state, control, trainer=self, **kwargs)
+        if control.should_training_stop:
+            self.max_steps = self.step
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict] | None = None, batch_prompts: int = 16) -> dict[str, float]:

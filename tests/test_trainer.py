@@ -197,3 +197,16 @@ def test_transformers_callbacks_are_called(tmp_path):
                     processing_class=tiny_tokenizer(), train_dataset=[{"prompt": "3+4="}], callbacks=[rec])
     t.train()
     assert rec.steps == [1, 2] and len(rec.logged) == 2
+
+
+def test_callback_can_stop_training(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAtTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 2
+
+    t = GRPOTrainer(tiny_causal_lm(), [digit_reward], args=_config(tmp_path, max_steps=5),
+                    processing_class=tiny_tokenizer(), train_dataset=[{"prompt": "3+4="}], callbacks=[StopAtTwo()])
+    t.train()
+    assert t.step == 2
