@@ -86,6 +86,7 @@ def _bytes_moved(N, L, logp, mask):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
     parser.add_argument("--shapes", default=None, help="comma-separated NxL list, e.g. 64x1024,256x2048")
     parser.add_argument("--warmup", type=int, default=3)
@@ -152,7 +153,8 @@ def main() -> None:
         print("note:", note)
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"grpo_loss_{device}{'_quick' if args.quick else ''}.json"
+    path = Path(args.out) if args.out else out_dir / f"grpo_loss_{device}{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

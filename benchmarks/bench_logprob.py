@@ -228,6 +228,7 @@ def _measure(variants, T, D, V, dtype, repeats, device) -> tuple[dict, float | N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     ap.add_argument("--quick", action="store_true", help="one small shape (T=256, V=8192)")
     ap.add_argument("--tokens", type=int, nargs="*", help="values of T (default: CPU 1024 4096, CUDA +16384)")
     ap.add_argument("--hidden", type=int, default=576)
@@ -304,7 +305,8 @@ def main() -> None:
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "linear_grpo_loss" if args.op == "grpo" else "logprob"
-    path = out_dir / f"{stem}_{device}{'_quick' if args.quick else ''}.json"
+    path = Path(args.out) if args.out else out_dir / f"{stem}_{device}{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

@@ -51,12 +51,10 @@ def _prompts(tokenizer, n_prompts, length, vocab, seed):
 
 def _load(args):
     if args.random_init:
-        cfg = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                       tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
-                                       pad_token_id=2, eos_token_id=2, bos_token_id=1)
+        from grpo_fast.models import smollm2_config
+
         torch.manual_seed(0)
-        return transformers.LlamaForCausalLM(cfg).to(args.dtype), None
+        return transformers.LlamaForCausalLM(smollm2_config()).to(args.dtype), None
     from grpo_fast.models import load_default_model
 
     return load_default_model(dtype=args.dtype)

@@ -36,17 +36,16 @@ VARIANTS = ("padded", "shared_prefix")
 
 
 def _model(weights: str, device: str, dtype: torch.dtype):
-    from grpo_fast.models import default_model_path, load_default_model
+    from grpo_fast.models import load_default_model, smollm2_config
 
     if weights == "default":
         model, tok = load_default_model(dtype)
         pad = tok.pad_token_id
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(default_model_path())
         torch.manual_seed(0)
-        model, pad = AutoModelForCausalLM.from_config(config, dtype=dtype), 0
+        model, pad = AutoModelForCausalLM.from_config(smollm2_config(), dtype=dtype), 0
     model.config.attention_dropout = 0.0
     return model.to(device).train(), pad
 
@@ -144,6 +143,7 @@ def _run(variant, P, L, G, weights, dtype, repeats, device, threads) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     ap.add_argument("--quick", action="store_true", help="1 repeat per case")
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=[32, 256, 1024])
     ap.add_argument("--completion-len", type=int, default=64)
@@ -201,7 +201,8 @@ def main() -> None:
         report["results"].append({"P": P, "variants": rows})
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"update_{device}{'_quick' if args.quick else ''}.json"
+    path = Path(args.out) if args.out else out_dir / f"update_{device}{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def git_commit(*paths: str) -> str:
     """HEAD, with "-dirty" when any of ``paths`` (all tracked files when none) differs from it; "uncommitted"
-    outside a repository."""
+    outside a repository. ``GRPO_FAST_COMMIT`` overrides it (a copy of the tree without .git, as on a lent GPU)."""
+    if os.environ.get("GRPO_FAST_COMMIT"):
+        return os.environ["GRPO_FAST_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
         if head.returncode != 0 or not head.stdout.strip():
@@ -22,6 +25,19 @@ def git_commit(*paths: str) -> str:
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "uncommitted"
+
+
+def versions() -> dict:
+    """The versions a result depends on."""
+    import torch
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("triton", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
 
 
 def load_average() -> str:

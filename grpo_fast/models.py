@@ -39,6 +39,16 @@ def _gguf_dir() -> Path:
     return folder
 
 
+def smollm2_config():
+    """SmolLM2-135M's architecture as a ``LlamaConfig`` (no files needed): random-init models of the default
+    model's exact shape for throughput benchmarks on machines that do not hold its weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                       rope_theta=100000.0, rms_norm_eps=1e-5, pad_token_id=2, eos_token_id=2, bos_token_id=1)
+
+
 def default_model_path() -> Path:
     """A local Hugging Face folder (safetensors, config, tokenizer) of the default model, converted once."""
     target = cache_dir() / "SmolLM2-135M-Instruct"

@@ -18,6 +18,9 @@ from ._triton import tl, triton
 _TORCH_TILE_ELEMS = 4 * 1024 * 1024
 # Elements of the d_logits chunk the Triton backward writes per vocabulary chunk.
 _TRITON_TILE_ELEMS = 64 * 1024 * 1024
+# Launch shapes on CUDA (module-level so benchmarks/tune_logprob.py can sweep them):
+# fwd (BLOCK_T, BLOCK_V, BLOCK_D, SPLIT_V, num_warps, num_stages), bwd (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages).
+CUDA_BLOCKS = {"fwd": (64, 128, 64, 2048, 8, 3), "bwd": (64, 128, 64, 8, 3)}
 
 
 @triton.jit
@@ -137,9 +140,9 @@ def _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index):
     T, D = hidden.shape
     V = weight.shape[0]
     if hidden.is_cuda:
-        block_t, block_v, block_d, split_v, warps = 64, 128, 64, 2048, 8
+        block_t, block_v, block_d, split_v, warps, stages = CUDA_BLOCKS["fwd"]
     else:  # the interpreter: big blocks mean few (slow, Python-level) programs
-        block_t, block_v, block_d, split_v, warps = 32, 256, 32, 1024, 4
+        block_t, block_v, block_d, split_v, warps, stages = 32, 256, 32, 1024, 4, 1
     splits = triton.cdiv(V, split_v)
     part = torch.empty((4, T, splits), device=hidden.device, dtype=torch.float32)  # m, s, a, zt
     grid = (triton.cdiv(T, block_t), splits)
@@ -150,7 +153,7 @@ def _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index):
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, targets.stride(0), part.stride(1),
         HAS_BIAS=bias is not None, SPLIT_V=split_v, DOT_PRECISION=_dot_precision(hidden),
-        BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
+        BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     m, s, a, zt = part.unbind(0)  # [T, splits] each
     m_all = m.amax(dim=1, keepdim=True)  # [T, 1]
@@ -169,9 +172,9 @@ def _triton_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t,
     T, D = hidden.shape
     V = weight.shape[0]
     if hidden.is_cuda:
-        block_t, block_v, block_d, warps = 64, 128, 64, 8
+        block_t, block_v, block_d, warps, stages = CUDA_BLOCKS["bwd"]
     else:
-        block_t, block_v, block_d, warps = 32, 256, 32, 4
+        block_t, block_v, block_d, warps, stages = 32, 256, 32, 4, 1
     vc = max(block_v, min(V, _TRITON_TILE_ELEMS // max(T, 1)) // block_v * block_v)
     d_hidden = torch.zeros((T, D), device=hidden.device, dtype=torch.float32) if need[0] else None
     d_weight = torch.empty_like(weight) if need[1] else None
@@ -188,7 +191,7 @@ def _triton_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             bias.stride(0) if bias is not None else 0, targets.stride(0), d_chunk.stride(0), d_chunk.stride(1),
             HAS_BIAS=bias is not None, HAS_GE=ge is not None, DOT_PRECISION=_dot_precision(hidden),
-            BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
+            BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if d_hidden is not None:
             d_hidden += (d_chunk @ weight[v0:v1]).float()  # [T, D]
