@@ -20,6 +20,7 @@ gradients on a small P; it refuses to print a speed-up otherwise. CPU timings on
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -65,6 +66,8 @@ def _step_fn(model, variant: str, batch, pad: int):
     from grpo_fast.packed import shared_prefix_hidden_states
 
     hidden_fn = completion_hidden_states if variant == "padded" else shared_prefix_hidden_states
+    if variant == "shared_prefix_matmul":  # the CPU implementation of the completion attention, forced
+        importlib.import_module("grpo_fast.kernels.prefix_train_attention").IMPL = "matmul"
     head = model.get_output_embeddings()
 
     def step():
@@ -153,6 +156,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per case (0: torch's default); 1 gives "
                     "steadier numbers on a machine shared with other jobs")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS + ("shared_prefix_matmul",))
     ap.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -185,7 +189,7 @@ def main() -> None:
     print(f"equality check (P=24, L=8, G=3): {check}  -> {'ok' if ok else 'FAILED: no speed-up reported'}")
     print(f"{'P':>6} {'variant':>14} {'tokens':>7} {'median s':>9} {'peak MiB':>9} {'speed-up':>9} {'mem ratio':>9}")
     for P in args.prompt_lens:
-        rows = {v: _run(v, P, L, G, args.weights, dtype, repeats, device, args.threads) for v in VARIANTS}
+        rows = {v: _run(v, P, L, G, args.weights, dtype, repeats, device, args.threads) for v in args.variants}
         base = rows["padded"]
         for v, r in rows.items():
             if "skipped" in r:

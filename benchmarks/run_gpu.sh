@@ -39,18 +39,28 @@ step() {  # step LIMIT_S CMD...: runs CMD under min(LIMIT_S, time to the deadlin
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee -a "$LOG"
 
-step 150 env PYTHONSAFEPATH=1 python3 -m pytest -q -n 8 -p no:cacheprovider --junitxml="$R/junit_cuda.xml" \
-  tests/test_cuda.py tests/test_grpo_loss.py tests/test_linear_grpo_loss.py
-step 80 python3 benchmarks/bench_logprob.py --variants naive compile ours --repeats 10 --out "$R/logprob_cuda.json"
-step 60 python3 benchmarks/bench_logprob.py --op grpo --repeats 10 --out "$R/linear_grpo_loss_cuda.json"
-step 45 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --repeats 3 --out "$R/sampler_cuda.json"
-step 70 python3 benchmarks/bench_update.py --weights random --repeats 5 --out "$R/update_cuda.json"
-step 30 python3 benchmarks/bench_grpo_loss.py --out "$R/grpo_loss_cuda.json"
-step 60 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --prompts 16 --group-size 16 \
-  --prompt-len 1024 --new-tokens 128 --repeats 2 --out "$R/sampler_large_cuda.json"
-step 60 python3 benchmarks/bench_logprob.py --hidden 4096 --vocab 151936 --tokens 4096 16384 \
-  --variants naive compile ours --repeats 5 --out "$R/logprob_7b_cuda.json"
-step 90 python3 benchmarks/tune_logprob.py --out "$R/tune_logprob_cuda.json"
+# name → limit (s) and command, in priority order; STEPS="tests update ..." runs a subset.
+run() {
+  case $1 in
+    tests) step 150 env PYTHONSAFEPATH=1 python3 -m pytest -q -n 8 -p no:cacheprovider --junitxml="$R/junit_cuda.xml" \
+             tests/test_cuda.py tests/test_grpo_loss.py tests/test_linear_grpo_loss.py tests/test_shared_prefix_update.py ;;
+    logprob) step 70 python3 benchmarks/bench_logprob.py --variants naive ours --repeats 10 --out "$R/logprob_cuda.json" ;;
+    grpo) step 60 python3 benchmarks/bench_logprob.py --op grpo --variants naive_grpo fused_grpo --repeats 10 \
+            --out "$R/linear_grpo_loss_cuda.json" ;;
+    update) step 100 python3 benchmarks/bench_update.py --weights random --repeats 3 \
+              --variants padded shared_prefix shared_prefix_matmul --out "$R/update_cuda.json" ;;
+    sampler) step 45 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --repeats 3 \
+               --out "$R/sampler_cuda.json" ;;
+    sampler_large) step 60 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --prompts 16 \
+                     --group-size 16 --prompt-len 1024 --new-tokens 128 --repeats 2 --out "$R/sampler_large_cuda.json" ;;
+    grpo_loss) step 30 python3 benchmarks/bench_grpo_loss.py --out "$R/grpo_loss_cuda.json" ;;
+    logprob7b) step 60 python3 benchmarks/bench_logprob.py --hidden 4096 --vocab 151936 --tokens 4096 16384 \
+                 --variants naive ours --repeats 5 --out "$R/logprob_7b_cuda.json" ;;
+    tune) step 90 python3 benchmarks/tune_logprob.py --out "$R/tune_logprob_cuda.json" ;;
+    *) echo "unknown step $1" ;;
+  esac
+}
+for name in ${STEPS:-tests logprob grpo update sampler sampler_large grpo_loss logprob7b tune}; do run "$name"; done
 
 echo "=== summary"
 cat "$LOG"

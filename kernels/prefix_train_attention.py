@@ -12,11 +12,19 @@ batch holds prompt rows ``[B, P]`` (right-padded) and completion rows ``[N, L]``
 Gradients flow into the prompt keys/values from all G completions (the batched matmul's backward sums them); the
 row max is a constant shift, detached because its exact gradient is zero.
 
-Only a PyTorch path exists (no Triton kernel yet): the same code runs on the CPU and on CUDA, where the prompt part
-is a fused SDPA. The completion part materializes its ``[(H/Hkv)·G·L, P]`` fp32 score blocks; ``recompute_scores``
-trades one more forward of that part for not keeping them (measured on SmolLM2-135M shapes, P = 1024, G = 8,
-L = 64, one CPU thread: 50 → 8 MiB kept per layer, +25% time of this op). Under ``TRITON_INTERPRET`` nothing here
-changes. A fused flash-style Triton forward/backward of the completion part is the next step for GPUs.
+Two PyTorch implementations of the completion part (``impl``; the module-level ``IMPL`` sets the default):
+
+- ``"matmul"`` (the CPU default): the batched matmuls above; it materializes the ``[(H/Hkv)·G·L, P]`` fp32 score
+  blocks, and ``recompute_scores`` trades one more forward of this part for not keeping them (measured on SmolLM2-
+  135M shapes, P = 1024, G = 8, L = 64, one CPU thread: 50 → 8 MiB kept per layer, +25% time of this op).
+- ``"sdpa"`` (the CUDA default): each completion's keys are ``cat(its prompt's keys, its own keys)`` under one
+  boolean mask, fed to PyTorch's fused memory-efficient attention, forward and backward: no score matrix is kept
+  and far fewer kernels launch, at the price of one ``[N, H, P + L, Dh]`` copy of the keys and values per layer
+  (what the padded forward holds anyway). The prompt's MLP and projections still run once per group.
+  On an H100 (bf16, SmolLM2-135M shapes) the matmul form was 3x slower than the padded forward at P = 32.
+
+Under ``TRITON_INTERPRET`` nothing here changes. A fused flash-style Triton kernel that reads the prompt keys once
+per group is the next step for long prompts on GPUs.
 Layout: helper → public function → ``prefix_train_attention_ref``.
 """
 
@@ -25,6 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+IMPL = "auto"  # "auto" (sdpa on CUDA, matmul elsewhere), "sdpa" or "matmul"; see the module docstring
+_IMPLS = ("auto", "sdpa", "matmul")
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,6 +67,23 @@ def _cascade(q, pk, pv, ck, cv, prefix_valid, suffix_valid, dropout):
     return (o + torch.matmul(e_suf, cv)) / denom  # [B, Hkv, g, G, L, Dh]
 
 
+def _concat_sdpa(comp_q, prompt_k, prompt_v, comp_k, comp_v, prefix_valid, suffix_valid, G, scale, dropout):
+    """Completion rows through fused SDPA over ``cat(prompt keys, own keys)``: q ``[N, H, L, Dh]``, prompt k/v
+    ``[B, Hkv, P, Dh]``, completion k/v ``[N, Hkv, L, Dh]`` → ``[N, H, L, Dh]``. The prompt keys are repeated per
+    completion (their gradient sums back through ``repeat_interleave``) and per query head of a kv group."""
+    N, H, L, _ = comp_q.shape
+    B, Hkv, P, _ = prompt_k.shape
+    g = H // Hkv
+    k = torch.cat([prompt_k.repeat_interleave(G, dim=0), comp_k], dim=2)  # [N, Hkv, P + L, Dh]
+    v = torch.cat([prompt_v.repeat_interleave(G, dim=0), comp_v], dim=2)
+    if g > 1:  # explicit heads: the fused kernels take a mask only without enable_gqa
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [N, H, P + L, Dh]
+    pre = (prefix_valid.repeat_interleave(G, dim=0)[:, None, :].expand(N, L, P) if prefix_valid is not None
+           else suffix_valid.new_ones(N, L, P))  # fmt: skip
+    mask = torch.cat([pre, suffix_valid], dim=2)[:, None]  # [N, 1, L, P + L]
+    return F.scaled_dot_product_attention(comp_q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
 def prefix_train_attention(
     prompt_q: torch.Tensor,
     prompt_k: torch.Tensor,
@@ -69,6 +97,7 @@ def prefix_train_attention(
     scale: float,
     dropout: float = 0.0,
     recompute_scores: bool = False,
+    impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a packed shared-prefix batch, forward and (through autograd) backward.
 
@@ -85,7 +114,8 @@ def prefix_train_attention(
         dropout: attention-probability dropout (training only).
         recompute_scores: keep only q/k/v of the completion part for the backward and recompute its
             ``[(H/Hkv)·G·L, P]`` score blocks there (activation checkpointing of this part): saves
-            ``N·H·L·P`` fp32 per layer for one more forward of the completion part.
+            ``N·H·L·P`` fp32 per layer for one more forward of the completion part (``"matmul"`` only).
+        impl: ``"sdpa"``, ``"matmul"`` or ``"auto"`` (sdpa on CUDA); default the module-level ``IMPL``.
 
     Returns:
         ``(prompt_out [B, H, P, Dh], comp_out [N, H, L, Dh])`` in the input dtype, where for completion query
@@ -108,10 +138,20 @@ def prefix_train_attention(
         raise ValueError(f"masks {None if prefix_valid is None else tuple(prefix_valid.shape)}, "
                          f"{tuple(suffix_valid.shape)}; expected {(B, P)}, {(N, L, L)}")
     g = H // Hkv
+    impl = IMPL if impl is None else impl
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "sdpa" if comp_q.is_cuda else "matmul"
 
     prompt_out = F.scaled_dot_product_attention(
         prompt_q, prompt_k, prompt_v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=g > 1
     )  # [B, H, P, Dh]
+
+    if impl == "sdpa":
+        comp_out = _concat_sdpa(comp_q, prompt_k, prompt_v, comp_k, comp_v, prefix_valid, suffix_valid, G, scale,
+                                dropout)
+        return prompt_out, comp_out
 
     wd = _work_dtype(comp_q.dtype)
     # Query rows of one (prompt, kv head) block: (head in kv group, completion in group, position).

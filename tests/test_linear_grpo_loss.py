@@ -4,6 +4,8 @@ logits → grpo_loss_ref) over every loss type × IS level × β × on/off-polic
 
 from __future__ import annotations
 
+import importlib
+
 import itertools
 
 import pytest
@@ -199,3 +201,16 @@ def test_validation():
         linear_grpo_loss(*args[:5], adv[:2].float(), mask, completion_shape=(N, L))
     with pytest.raises(ValueError, match="loss_type must be one of"):
         linear_grpo_loss(*args, completion_shape=(N, L), loss_type="ppo")
+
+
+def test_triton_backend_takes_chained_path(force_backend, monkeypatch):
+    """Where the Triton kernels run, linear_logprobs → grpo_loss is faster than the chunked fused pass (H100
+    figures in the module docstring), so the fused pass must not be taken there."""
+    mod = importlib.import_module("grpo_fast.kernels.linear_grpo_loss")  # the package re-exports the function
+    force_backend("triton")
+    calls = []
+    real = mod.linear_logprobs
+    monkeypatch.setattr(mod, "linear_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(mod, "_fused_pass", lambda *a, **k: pytest.fail("fused pass taken on the Triton backend"))
+    out = _run(linear_grpo_loss, _problem(seed=7), torch.float32, DEV, beta=0.04)
+    assert calls and torch.isfinite(out[0])

@@ -8,6 +8,7 @@ reference; the precision-aware bound (ours − ref64 ≤ 2 · (padded path, same
 from __future__ import annotations
 
 import functools
+import importlib
 
 import pytest
 import torch
@@ -85,8 +86,23 @@ def test_recompute_scores(assert_close_2x):
     _compare("qwen2", 3, assert_close_2x, recompute=True)
 
 
-def test_bfloat16_model(assert_close_2x):
+@pytest.mark.parametrize("impl", ["matmul", "sdpa"])
+def test_bfloat16_model(impl, assert_close_2x, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("grpo_fast.kernels.prefix_train_attention"), "IMPL", impl)
     _compare("qwen2", 3, assert_close_2x, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_sdpa_impl_matches_padded_forward(kind, assert_close_2x, monkeypatch):
+    """The CUDA default (concatenated keys through fused SDPA), forced on the CPU."""
+    monkeypatch.setattr(importlib.import_module("grpo_fast.kernels.prefix_train_attention"), "IMPL", "sdpa")
+    _compare(kind, 3, assert_close_2x)
+
+
+def test_impl_validation():
+    tensors, prefix_valid, suffix_valid = _op_args(1, 2, 2, False, torch.float32)
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'sdpa', 'matmul'\), got 'flash'"):
+        prefix_train_attention(*tensors[:3], prefix_valid, *tensors[3:], suffix_valid, 1, 0.3, impl="flash")
 
 
 def test_pack_holds_each_prompt_once():
@@ -125,9 +141,9 @@ def _op_args(group_size, H, Hkv, full_prompts, dtype, seed=0):
     return tensors, prefix_valid, suffix_valid
 
 
-def _op_outputs_and_grads(fn, tensors, prefix_valid, suffix_valid, group_size, weights):
+def _op_outputs_and_grads(fn, tensors, prefix_valid, suffix_valid, group_size, weights, **kw):
     pq, pk, pv, cq, ck, cv = tensors
-    out = fn(pq, pk, pv, prefix_valid, cq, ck, cv, suffix_valid, group_size, 0.3)
+    out = fn(pq, pk, pv, prefix_valid, cq, ck, cv, suffix_valid, group_size, 0.3, **kw)
     valid = (prefix_valid if prefix_valid is not None else torch.ones_like(weights[0][:, 0, :, 0], dtype=torch.bool))
     out = (out[0] * valid[:, None, :, None], out[1])  # prompt padding rows are unspecified
     loss = sum((o.double() * w).sum() for o, w in zip(out, weights))
@@ -137,22 +153,24 @@ def _op_outputs_and_grads(fn, tensors, prefix_valid, suffix_valid, group_size, w
 @pytest.mark.parametrize("full_prompts", [False, True], ids=["padded_prompts", "full_prompts"])
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("group_size", [1, 3], ids=lambda g: f"G{g}")
-def test_op_matches_reference(group_size, heads, full_prompts):
+@pytest.mark.parametrize("impl", ["matmul", "sdpa"])
+def test_op_matches_reference(impl, group_size, heads, full_prompts):
     tensors, prefix_valid, suffix_valid = _op_args(group_size, *heads, full_prompts, torch.float64)
     weights = [torch.randn(t.shape, dtype=torch.float64) for t in (tensors[0], tensors[3])]
     ours = _op_outputs_and_grads(prefix_train_attention, tensors, None if full_prompts else prefix_valid,
-                                 suffix_valid, group_size, weights)
+                                 suffix_valid, group_size, weights, impl=impl)
     ref = _op_outputs_and_grads(prefix_train_attention_ref, tensors, prefix_valid, suffix_valid, group_size, weights)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_op_bfloat16(assert_close_2x):
+@pytest.mark.parametrize("impl", ["matmul", "sdpa"])
+def test_op_bfloat16(impl, assert_close_2x):
     tensors, prefix_valid, suffix_valid = _op_args(3, 4, 2, False, torch.bfloat16, seed=1)
     ref_tensors = [t.detach().double().requires_grad_() for t in tensors]
     weights = [torch.randn(t.shape, dtype=torch.float64) for t in (tensors[0], tensors[3])]
     args = (prefix_valid, suffix_valid, 3, weights)
-    ours = _op_outputs_and_grads(prefix_train_attention, tensors, *args)
+    ours = _op_outputs_and_grads(prefix_train_attention, tensors, *args, impl=impl)
     ref = _op_outputs_and_grads(prefix_train_attention_ref, ref_tensors, *args)
     plain = _op_outputs_and_grads(prefix_train_attention_ref, tensors, *args)
     names = ["prompt_out", "comp_out", "d_prompt_q", "d_prompt_k", "d_prompt_v", "d_comp_q", "d_comp_k", "d_comp_v"]
