@@ -274,6 +274,11 @@ def main() -> None:
     print(f"{name}  torch {torch.__version__}  triton {triton_version}  dtype {dtype}  D={D} V={V}  op {args.op}")
     print(f"load before: {report['load_before']}")
     print(f"{'T':>6} {'variant':>15} {'median s':>9} {'peak MiB':>9} {'time/naive':>10} {'mem/naive':>9}  note")
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "linear_grpo_loss" if args.op == "grpo" else "logprob"
+    path = Path(args.out) if args.out else out_dir / f"{stem}_{device}{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     for T in tokens:
         rows, gemm4 = _measure(args.variants, T, D, V, dtype, args.repeats, device)
         naive = rows.get("naive_grpo" if args.op == "grpo" else "naive", {})
@@ -300,13 +305,9 @@ def main() -> None:
                 f"  {note}"
             )
         report["results"].append({"T": T, "gemm4_s": gemm4, "variants": rows})
+        path.write_text(json.dumps(report, indent=2))  # partial results survive a time limit
     report["load_after"] = load_average()
     print(f"load after: {report['load_after']}")
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "linear_grpo_loss" if args.op == "grpo" else "logprob"
-    path = Path(args.out) if args.out else out_dir / f"{stem}_{device}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

@@ -188,6 +188,10 @@ def main() -> None:
           f"threads {report['threads']}  B=1 G={G} L={L}")
     print(f"equality check (P=24, L=8, G=3): {check}  -> {'ok' if ok else 'FAILED: no speed-up reported'}")
     print(f"{'P':>6} {'variant':>14} {'tokens':>7} {'median s':>9} {'peak MiB':>9} {'speed-up':>9} {'mem ratio':>9}")
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) if args.out else out_dir / f"update_{device}{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     for P in args.prompt_lens:
         rows = {v: _run(v, P, L, G, args.weights, dtype, repeats, device, args.threads) for v in args.variants}
         base = rows["padded"]
@@ -203,10 +207,7 @@ def main() -> None:
                 f"{r.get('speedup_vs_padded', float('nan')):>9.2f} {r.get('mem_ratio_vs_padded', float('nan')):>9.3f}"
             )
         report["results"].append({"P": P, "variants": rows})
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) if args.out else out_dir / f"update_{device}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))  # partial results survive a time limit
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

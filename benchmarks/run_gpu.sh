@@ -47,14 +47,14 @@ run() {
     logprob) step 70 python3 benchmarks/bench_logprob.py --variants naive ours --repeats 10 --out "$R/logprob_cuda.json" ;;
     grpo) step 60 python3 benchmarks/bench_logprob.py --op grpo --variants naive_grpo fused_grpo --repeats 10 \
             --out "$R/linear_grpo_loss_cuda.json" ;;
-    update) step 100 python3 benchmarks/bench_update.py --weights random --repeats 3 \
+    update) step 150 python3 benchmarks/bench_update.py --weights random --repeats 3 \
               --variants padded shared_prefix shared_prefix_matmul --out "$R/update_cuda.json" ;;
     sampler) step 45 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --repeats 3 \
                --out "$R/sampler_cuda.json" ;;
     sampler_large) step 60 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --prompts 16 \
                      --group-size 16 --prompt-len 1024 --new-tokens 128 --repeats 2 --out "$R/sampler_large_cuda.json" ;;
     grpo_loss) step 30 python3 benchmarks/bench_grpo_loss.py --out "$R/grpo_loss_cuda.json" ;;
-    logprob7b) step 60 python3 benchmarks/bench_logprob.py --hidden 4096 --vocab 151936 --tokens 4096 16384 \
+    logprob7b) step 90 python3 benchmarks/bench_logprob.py --hidden 4096 --vocab 151936 --tokens 4096 16384 \
                  --variants naive ours --repeats 5 --out "$R/logprob_7b_cuda.json" ;;
     tune) step 90 python3 benchmarks/tune_logprob.py --out "$R/tune_logprob_cuda.json" ;;
     *) echo "unknown step $1" ;;

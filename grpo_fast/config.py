@@ -104,7 +104,7 @@ _IGNORED_GROUPS = {
             "hub_revision"),
     "launch": ("use_cpu", "accelerator_config", "parallelism_config", "ddp_find_unused_parameters",
                "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout",
-               "fsdp", "fsdp_config", "deepspeed", "local_rank", "full_determinism", "ds3_gather_for_generation"),
+               "fsdp_config", "deepspeed", "local_rank", "full_determinism", "ds3_gather_for_generation"),
     "speed": ("tf32", "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "torch_compile",
               "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "liger_kernel_config", "use_cache",
               "torch_empty_cache_steps", "pad_to_multiple_of", "cache_implementation",
@@ -124,7 +124,7 @@ _IGNORED_GROUPS = {
 }
 IGNORED_FIELDS: dict[str, str] = {name: _WHY_IGNORED[g] for g, names in _IGNORED_GROUPS.items() for name in names}
 # Ignored names whose truthy value asks for something the user should know is not happening.
-_WARN_IF_SET = ("parallelism_config", "fsdp", "fsdp_config", "deepspeed", "torch_compile", "tf32", "full_determinism")
+_WARN_IF_SET = ("parallelism_config", "fsdp_config", "deepspeed", "torch_compile", "tf32", "full_determinism")
 _ALIASES = {"activation_checkpointing": "gradient_checkpointing"}  # transformers 5 renamed it; TRL uses the old name
 
 
@@ -163,6 +163,8 @@ class _Fields:
                                         ge=0)
     bf16: bool | None = _f(None, "bf16 mixed precision; None = on (TRL's default).", math=True)
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    fsdp: str | None = _f(None, "'full_shard': shard weights, gradients and optimizer states over the torchrun ranks "
+                          "with FSDP2 (one unit per decoder layer + the root); None = replicate (data parallel).")
     report_to: list[str] | str = _f("none", "Metric sinks: tensorboard, wandb (if installed), all or none.")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from.")
     # Model and data (TRL names)
@@ -354,6 +356,10 @@ class GRPOConfig(_Fields):
             self.report_to = [] if self.report_to in (None, "none") else [self.report_to]
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.fsdp, (list, tuple)):  # transformers' list of FSDPOption
+            self.fsdp = " ".join(str(getattr(o, "value", o)) for o in self.fsdp)
+        if isinstance(self.fsdp, str) and not self.fsdp.strip():
+            self.fsdp = None
         for name in ("reward_weights", "stop", "report_to"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
@@ -430,6 +436,13 @@ class GRPOConfig(_Fields):
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise _invalid("max_completion_length", None, "must be set with loss_type='dr_grpo' (its normalizing "
                            "constant)")
+        if self.fsdp is not None:
+            tokens = set(self.fsdp.split())
+            if "full_shard" not in tokens or tokens - {"full_shard", "auto_wrap"}:
+                raise _invalid("fsdp", self.fsdp, "must be 'full_shard' (FSDP2 full sharding; 'auto_wrap' may be "
+                               "added, it is what happens anyway) or None/'' for off; shard_grad_op, hybrid_shard "
+                               "and offload are not supported")
+            self.fsdp = "full_shard"
         self._validate_report_to()
         self._validate_batch()
 

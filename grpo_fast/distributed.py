@@ -8,11 +8,25 @@ What runs where:
   overlap of communication and backward); every rank then sees the same gradient norm, so a step skipped for a
   non-finite gradient is skipped everywhere;
 - only rank 0 logs, plots and writes checkpoints (the weights are replicated, so its checkpoint is the model).
+
+With ``fsdp="full_shard"`` the weights, gradients and optimizer states are sharded instead (FSDP2,
+``torch.distributed.fsdp.fully_shard``): one FSDP unit per decoder layer plus the root (embeddings, final norm,
+LM head — tied or not). What changes:
+- the training forward runs inside the root module's call (``call_through_root``), so the root unit is all-gathered
+  around it; the fused LM-head op then reads the *gathered* head weight (the op never runs per shard) and its
+  gradient is reduce-scattered with the others at the end of the backward;
+- generation runs with every unit gathered and kept gathered (``gathered_for_generation``): ranks decode different
+  numbers of steps, so no collective may run inside the decode loop;
+- gradients arrive averaged and sharded (no extra all-reduce); the clipped norm is global, so a skipped step is
+  skipped on every rank;
+- checkpoints gather a full state dict on every rank and rank 0 writes it: the same HF-loadable files as without
+  FSDP, resumable with or without it on any number of ranks.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 
 import torch
@@ -102,3 +116,72 @@ def mean_over_ranks(values: dict[str, float | None], device: torch.device) -> di
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+
+
+def _fsdp_module_type():
+    from torch.distributed.fsdp import FSDPModule
+
+    return FSDPModule
+
+
+def is_sharded(model) -> bool:
+    return dist.is_available() and isinstance(model, _fsdp_module_type())
+
+
+def shard_model(model, *, trainable: bool = True):
+    """FSDP2 full sharding in place: each decoder layer its own unit, then the root (embeddings, final norm, LM head;
+    a tied head shares the embedding's unit). Needs an initialized process group; returns the model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"fsdp: {type(model).__name__} has no decoder .layers to shard")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def call_through_root(model, fn):
+    """Runs ``fn()`` inside ``model.__call__`` so that wrapper hooks on the root module run around it: under FSDP2
+    the root unit (embeddings, final norm, LM head) is gathered before ``fn`` reads those weights directly, and its
+    gradients are reduce-scattered after the backward. A plain model just calls ``fn()``."""
+    if not is_sharded(model):
+        return fn()
+    model.forward = lambda: fn()  # an instance attribute shadows the class's forward for this one call
+    try:
+        return model()
+    finally:
+        del model.forward
+
+
+@contextlib.contextmanager
+def gathered_for_generation(*models):
+    """Within the block every FSDP2 unit of ``models`` is gathered once and stays gathered, so the forwards inside
+    (a decode loop whose length differs between ranks) run no collective. Plain models pass through."""
+    roots = [m for m in models if m is not None and is_sharded(m)]
+    units = [m for root in roots for m in root.modules() if isinstance(m, _fsdp_module_type())]
+    for unit in units:
+        unit.unshard()
+        if not any(unit is root for root in roots):  # the root never reshards after forward under FSDP2
+            unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            if not any(unit is root for root in roots):
+                unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
+
+
+def full_tensor(t):
+    """A DTensor (an FSDP2 gradient norm) as a plain tensor; anything else unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grpo_fast.distributed import call_through_root
 from grpo_fast.kernels.logprob import linear_logprobs
 from grpo_fast.models import lm_head_of
 from grpo_fast.packed import can_share_prefix, shared_prefix_hidden_states
@@ -76,9 +77,14 @@ def completion_logprobs(
 
     With ``shared_prefix`` (and a model it is exact for) each prompt is forwarded once per group (B·P + N·L tokens
     instead of N·(P + L)); otherwise every completion carries its own prompt copy. Masked positions (padding after
-    EOS) get log-prob 0; they never enter a loss.
+    EOS) get log-prob 0; they never enter a loss. Under FSDP2 the whole computation runs inside the root module's
+    call (``grpo_fast.distributed.call_through_root``).
     """
-    head = lm_head_of(model)
+    return call_through_root(model, lambda: _logprobs(model, batch, pad_id, temperature, with_entropy, shared_prefix))
+
+
+def _logprobs(model, batch, pad_id, temperature, with_entropy, shared_prefix):
+    head = lm_head_of(model)  # read here: under FSDP2 the root unit (and so the head weight) is gathered by now
     P, L = max(len(p) for p in batch.prompt_ids), batch.completion_ids.shape[1]
     if shared_prefix and batch.group_size > 1 and can_share_prefix(model, P + L)[0]:
         hidden = shared_prefix_hidden_states(model, batch, pad_id)  # [N, L, D]

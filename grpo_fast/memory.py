@@ -25,6 +25,7 @@ def estimate_bytes(model, args, prompt_tokens: int, has_ref: bool) -> dict[str, 
     per group plus G suffixes (B·P + N·L tokens); the update's activations for one minibatch — B·P + N·L tokens
     with the shared-prefix update, N·(P + L) without — counted as ~18·D values per token and layer (attention and
     MLP inputs kept for backward; ~2·D with gradient checkpointing); the fused head keeps only chunk × V logits.
+    With ``fsdp`` the persistent states are split over the ranks and one full copy is gathered for generation.
     """
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -45,8 +46,11 @@ def estimate_bytes(model, args, prompt_tokens: int, has_ref: bool) -> dict[str, 
     else:
         act_tokens = minibatch * (prompt_tokens + L)
     act_per_token = (2 if args.gradient_checkpointing else 18) * d * width * layers
+    states = n_params * width * (4 + (1 if has_ref else 0))
+    if getattr(args, "fsdp", None) and args.world_size > 1:
+        states = states // args.world_size + n_params * width  # shards + the gathered copy generation runs on
     return {
-        "weights_grads_optimizer": n_params * width * (4 + (1 if has_ref else 0)),
+        "weights_grads_optimizer": states,
         "kv_cache": kv_tokens * layers * 2 * kv_heads * head_dim * width,
         "activations": act_tokens * act_per_token,
         "lm_head_chunk": 1024 * getattr(cfg, "vocab_size", 1) * 4 * 3,

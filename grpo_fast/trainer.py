@@ -146,6 +146,16 @@ class GRPOTrainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.callbacks = list(callbacks or [])
+        self.sharded = bool(args.fsdp) and self.world_size > 1
+        if args.fsdp and self.world_size == 1:
+            warnings.warn("fsdp='full_shard' in a single process: nothing to shard; training unsharded")
+        if self.sharded:  # FSDP2; see grpo_fast/distributed.py for what changes
+            if self.is_peft:
+                raise ValueError("fsdp='full_shard' with PEFT adapters is not supported; train LoRA adapters data "
+                                 "parallel (fsdp=None), where only the adapters carry optimizer state")
+            dist.shard_model(model)
+            if self.ref_model is not None:
+                dist.shard_model(self.ref_model, trainable=False)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=args.learning_rate,
@@ -232,9 +242,15 @@ class GRPOTrainer:
         how many ranks share the run."""
         args = self.args
         prompt_ids = [self.encode(r["prompt"]) for r in rows]
-        out = self.sampler.generate(
+        with dist.gathered_for_generation(self.model):
+            out = self._generate(prompt_ids, group_size or args.num_generations, greedy, first_index)
+        return prompt_ids, out
+
+    def _generate(self, prompt_ids, group_size: int, greedy: bool, first_index: int):
+        args = self.args
+        return self.sampler.generate(
             prompt_ids,
-            group_size=group_size or args.num_generations,
+            group_size=group_size,
             max_new_tokens=args.max_completion_length,
             temperature=0.0 if greedy else args.temperature,
             top_p=args.top_p,
@@ -242,9 +258,8 @@ class GRPOTrainer:
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
             stop=args.stop,
-            seed=[args.seed * 1_000_003 + first_index + i for i in range(len(rows))],
+            seed=[args.seed * 1_000_003 + first_index + i for i in range(len(prompt_ids))],
         )
-        return prompt_ids, out
 
     def _score(self, rows: list[dict], out, group_size: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Rewards ``[N, R]`` (NaN = unscored) and counters of what went wrong, per reward function."""
@@ -453,8 +468,9 @@ class GRPOTrainer:
         args = self.args
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
-        dist.average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # identical on every rank after the average
+        if not self.sharded:  # FSDP2 has reduce-scattered (averaged) the gradients already
+            dist.average_gradients(params)
+        grad_norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))  # the same on every rank
         bad = dist.any_rank(self._nonfinite_loss, self.device) or not torch.isfinite(grad_norm)
         self._nonfinite_loss = False
         if bad:
@@ -596,17 +612,26 @@ class GRPOTrainer:
         }
 
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes (the weights are replicated); every rank waits for it."""
+        """Rank 0 writes (the weights are replicated, or gathered from the FSDP2 shards); every rank waits for it."""
         per_generation = self.args.steps_per_generation * self.args.num_iterations
         mid_generation = self.rollout is not None and self.micro_step % per_generation != 0
         path = Path(self.args.output_dir) / f"checkpoint-{self.step}"
+        model_state = optimizer_state = None
+        if self.sharded:  # every rank takes part in gathering the full state dicts; rank 0 writes them
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=full)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=full)
         if self.is_main:
             # a mid-generation checkpoint keeps the generation batch so a resume continues it exactly; with several
             # ranks each holds its own, and a resume regenerates it instead (as TRL always does)
             extra = {"rollout.pt": self.rollout} if mid_generation and self.world_size == 1 else None
             path = save_checkpoint(
                 self.args.output_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                self._state(), self.args.save_total_limit, extra=extra,
+                self._state(), self.args.save_total_limit, extra=extra, model_state=model_state,
+                optimizer_state=optimizer_state,
             )
         dist.barrier()
         return path
@@ -618,7 +643,7 @@ class GRPOTrainer:
             return
         from safetensors.torch import load_model as load_safetensors
 
-        state = load_training_state(path, self.optimizer, self.scheduler)
+        state = load_training_state(path, self.optimizer, self.scheduler, self.model, self.sharded)
         old = dict(state["config"])
         now = self.args.to_dict()
         # the per-rank batch may change with the number of ranks; the global batch may not
@@ -639,6 +664,12 @@ class GRPOTrainer:
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
+        elif self.sharded:  # every rank reads the full weights; each keeps its shard
+            from safetensors.torch import load_file
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            weights = load_file(str(next(path.glob("model*.safetensors"))))
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             load_safetensors(self.model, str(next(path.glob("model*.safetensors"))), strict=False)
         self.step = state["global_step"]

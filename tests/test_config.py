@@ -43,6 +43,7 @@ def trl_default():
 # One invalid value per field: (field named in the message, the kwargs that make it invalid).
 INVALID = [
     ("output_dir", {"output_dir": ""}),
+    ("fsdp", {"fsdp": "shard_grad_op"}),
     ("learning_rate", {"learning_rate": -1e-6}),
     ("per_device_train_batch_size", {"per_device_train_batch_size": 0}),
     ("gradient_accumulation_steps", {"gradient_accumulation_steps": 0}),
@@ -396,3 +397,10 @@ def test_config_file_with_trl_names_then_flags(tmp_path, suffix):
     path.write_text(json.dumps({"use_vllm": True}) if suffix == "json" else "use_vllm: true\n")
     with pytest.raises(ValueError, match="use_vllm=True is not supported"):
         config_from_args(parser.parse_args([]), yaml_path=path)
+
+
+@pytest.mark.parametrize("value, expected", [("full_shard", "full_shard"), ("full_shard auto_wrap", "full_shard"),
+                                             (["full_shard", "auto_wrap"], "full_shard"), ("", None), (None, None)])
+def test_fsdp_spellings(value, expected):
+    """transformers' spellings of FSDP full sharding (a string of options or a list) all mean FSDP2 here."""
+    assert GRPOConfig(fsdp=value).fsdp == expected

@@ -1,4 +1,6 @@
-"""Data parallel over prompts with torchrun on the gloo backend: 2 ranks == 1 rank on the same global batch."""
+"""Data parallel over prompts with torchrun on the gloo backend: 2 ranks == 1 rank on the same global batch, with
+replicated weights (DDP semantics) and with FSDP2 full sharding (``fsdp="full_shard"``, which runs on CPU/gloo in
+the pinned torch); checkpoints written by 2 ranks resume on 1 and load in Hugging Face."""
 
 import os
 import subprocess
@@ -42,3 +44,48 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
     resumed = _run(out, 1, "--steps", "3", "--resume")
     for k, v in ref["params"].items():
         torch.testing.assert_close(resumed["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_fsdp_two_ranks_match_one_rank(tmp_path, tie):
+    flags = ["--tie"] if tie else []
+    one = _run(tmp_path / "one", 1, *flags)
+    two = _run(tmp_path / "two", 2, "--fsdp", *flags)
+    assert two["sharded"] and not one["sharded"], "the 2-rank run must hold DTensor (sharded) parameters"
+    for a, b in zip(one["history"], two["history"]):
+        assert a["reward"] == b["reward"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    for k, v in one["params"].items():
+        torch.testing.assert_close(two["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    init = _initial_params(tie)
+    moved = sum(not torch.equal(init[k], v) for k, v in one["params"].items() if k in init)
+    assert moved > len(init) // 2, "the run must actually train"
+
+
+def _initial_params(tie: bool) -> dict:
+    from grpo_fast.testing import tiny_causal_lm
+
+    return {k: v.detach().clone() for k, v in tiny_causal_lm(seed=4, tie=tie).state_dict().items()}
+
+
+def test_fsdp_checkpoint_resumes_on_one_rank_and_loads_in_hf(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = _run(tmp_path / "ref", 1, "--steps", "3")
+    out = tmp_path / "run"
+    at_two = _run(out, 2, "--fsdp", "--steps", "2", "--save_steps", "2")
+    ckpt = out / "checkpoint-2"
+    hf = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    for k, v in at_two["params"].items():
+        torch.testing.assert_close(hf.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert hf.config.architectures == ["LlamaForCausalLM"]
+    assert isinstance(next(iter(torch.load(ckpt / "optimizer.pt", weights_only=False)["state"])), str)
+    resumed = _run(out, 1, "--steps", "3", "--resume")  # unsharded, one process
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(resumed["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    again = tmp_path / "again"  # and a plain checkpoint resumes sharded
+    _run(again, 1, "--steps", "2", "--save_steps", "2")
+    resumed2 = _run(again, 2, "--fsdp", "--steps", "3", "--resume")
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(resumed2["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -207,10 +207,11 @@ def test_triton_backend_takes_chained_path(force_backend, monkeypatch):
     """Where the Triton kernels run, linear_logprobs → grpo_loss is faster than the chunked fused pass (H100
     figures in the module docstring), so the fused pass must not be taken there."""
     mod = importlib.import_module("grpo_fast.kernels.linear_grpo_loss")  # the package re-exports the function
+    prob = _problem(seed=7)
     force_backend("triton")
     calls = []
     real = mod.linear_logprobs
     monkeypatch.setattr(mod, "linear_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(mod, "_fused_pass", lambda *a, **k: pytest.fail("fused pass taken on the Triton backend"))
-    out = _run(linear_grpo_loss, _problem(seed=7), torch.float32, DEV, beta=0.04)
+    out = _run(linear_grpo_loss, prob, torch.float32, DEV, beta=0.04)
     assert calls and torch.isfinite(out[0])
