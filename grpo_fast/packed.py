@@ -186,7 +186,8 @@ def shared_prefix_hidden_states(model, batch: PolicyBatch, pad_id: int, recomput
     G completions' gradients. Raises ``ValueError`` for models ``can_share_prefix`` refuses.
 
     ``recompute_scores`` (default: on for CUDA tensors, off on the CPU) keeps only q/k/v of each layer's completion
-    attention for the backward and recomputes its ``[N·H·L, P]`` fp32 scores there, instead of holding them.
+    attention for the backward and recomputes its ``[N·H·L, P]`` fp32 scores there, instead of holding them; it
+    applies to the matmul form of the attention (the CPU default; CUDA uses fused SDPA, which keeps no scores).
 
     The model's attention implementation is switched for this forward and restored in a ``finally``; under
     gradient checkpointing it is switched again for the backward's recomputation and restored when the backward

@@ -31,20 +31,22 @@ def main():
     p.add_argument("--loss_type", default="dapo")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--tie", action="store_true", help="tied input/output embeddings")
+    p.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    p.add_argument("--eval", action="store_true", help="greedy evaluation after every step")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
     cfg = GRPOConfig(
         output_dir=args.out, per_device_train_batch_size=GLOBAL_COMPLETIONS // world, num_generations=4,
         max_completion_length=4, learning_rate=1e-3, max_steps=args.steps, logging_steps=1,
-        save_steps=args.save_steps, report_to=[], seed=0, gradient_checkpointing=False, warmup_steps=0,
+        save_steps=args.save_steps, report_to=[], seed=0, gradient_checkpointing=args.gc, warmup_steps=0,
         loss_type=args.loss_type, beta=0.04, adam_epsilon=1e-3, lr_scheduler_type="constant",
-        fsdp="full_shard" if args.fsdp else None,
+        fsdp="full_shard" if args.fsdp else None, eval_steps=1 if args.eval else None,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = GRPOTrainer(tiny_causal_lm(seed=4, tie=args.tie), [alternating_len], args=cfg, train_dataset=ROWS,
-                        processing_class=tiny_tokenizer())
+                        eval_dataset=ROWS if args.eval else None, processing_class=tiny_tokenizer())
         history = t.train(resume_from_checkpoint=args.resume or None)
     if t.sharded:  # every rank gathers the full weights
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -46,15 +46,20 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
         torch.testing.assert_close(resumed["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_fsdp_two_ranks_match_one_rank(tmp_path, tie):
-    flags = ["--tie"] if tie else []
+@pytest.mark.parametrize("flags", [[], ["--tie"], ["--gc", "--eval"]], ids=["untied", "tied", "checkpointing-eval"])
+def test_fsdp_two_ranks_match_one_rank(tmp_path, flags):
+    tie = "--tie" in flags
     one = _run(tmp_path / "one", 1, *flags)
     two = _run(tmp_path / "two", 2, "--fsdp", *flags)
     assert two["sharded"] and not one["sharded"], "the 2-rank run must hold DTensor (sharded) parameters"
+    assert len(one["history"]) == len(two["history"]) >= 2
     for a, b in zip(one["history"], two["history"]):
-        assert a["reward"] == b["reward"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a.get("reward") == b.get("reward") and a.get("eval_reward") == b.get("eval_reward")
+        assert a.keys() == b.keys()
+        if "loss" in a:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    if "--eval" in flags:
+        assert any("eval_reward" in row for row in two["history"])
     for k, v in one["params"].items():
         torch.testing.assert_close(two["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     init = _initial_params(tie)

@@ -210,3 +210,39 @@ def test_callback_can_stop_training(tmp_path):
                     processing_class=tiny_tokenizer(), train_dataset=[{"prompt": "3+4="}], callbacks=[StopAtTwo()])
     t.train()
     assert t.step == 2
+
+
+def test_minibatches_that_split_groups():
+    """per_device_train_batch_size < num_generations: a minibatch holds part of a group; each of its completions
+    carries its own prompt copy, and its log-probs equal those of the same rows forwarded as whole groups."""
+    from grpo_fast.forward import PolicyBatch, completion_logprobs
+    from grpo_fast.trainer import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [[5, 6, 7], [8, 9]]
+    ids = torch.randint(3, 40, (8, 5), generator=g)
+    mask = torch.ones_like(ids)
+    mask[3, 2:] = 0
+    batch = PolicyBatch(prompts, ids.masked_fill(mask == 0, 0), mask, 4)
+    rollout = Rollout(batch, torch.zeros(8), torch.zeros(8, 5), None, mask.sum())
+    model = tiny_causal_lm(seed=2)
+    with torch.no_grad():
+        whole, _ = completion_logprobs(model, batch, 0, 0.9, False)
+        parts = []
+        for k in range(4):  # minibatches of 2 rows: half a group each
+            mb, rows = rollout.minibatch(k, 4)
+            assert mb.group_size == 1 and rows == slice(2 * k, 2 * k + 2)
+            assert mb.prompt_ids == [prompts[(2 * k) // 4]] * 2
+            parts.append(completion_logprobs(model, mb, 0, 0.9, False)[0])
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_runs_with_split_groups(tmp_path):
+    cfg = _config(tmp_path, per_device_train_batch_size=2, steps_per_generation=4, max_steps=2)
+    trainer = GRPOTrainer(tiny_causal_lm(), [alternating], args=cfg, train_dataset=[{"prompt": "3+4="}] * 4,
+                          processing_class=tiny_tokenizer())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    history = trainer.train()
+    assert [row["step"] for row in history if "loss" in row] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in history if "loss" in row)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
