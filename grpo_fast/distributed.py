@@ -156,11 +156,16 @@ def call_through_root(model, fn):
     gradients are reduce-scattered after the backward. A plain model just calls ``fn()``."""
     if not is_sharded(model):
         return fn()
+    had = "forward" in model.__dict__  # e.g. accelerate's hooks keep their own instance-level forward
+    previous = model.__dict__.get("forward")
     model.forward = lambda: fn()  # an instance attribute shadows the class's forward for this one call
     try:
         return model()
     finally:
-        del model.forward
+        if had:
+            model.forward = previous
+        else:
+            del model.forward
 
 
 @contextlib.contextmanager
