@@ -85,6 +85,8 @@ def cmd_train(argv: list[str]) -> int:
     wall = time.perf_counter() - t0
     ckpt = trainer.save_checkpoint()
     after = trainer.evaluate() if args.eval_prompts else None
+    if not trainer.is_main:  # under torchrun only rank 0 reports
+        return 0
     out = Path(config.output_dir)
     summary = {"wall_clock_s": wall, "checkpoint": str(ckpt), "eval_before": before, "eval_after": after}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
