@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 
 import torch
@@ -48,6 +49,10 @@ def init_from_env() -> tuple[int, int]:
 
 
 def _shutdown() -> None:
+    # Collect dead trainers first: an FSDP2 model in a reference cycle keeps the process group alive until the
+    # interpreter's final teardown, where gloo then aborted ~1 run in 15 under load ("terminate called without an
+    # active exception", after a clean destroy); collected here, nothing distributed outlives the group.
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
