@@ -24,6 +24,32 @@ CUDA_BLOCKS = {"fwd": (64, 128, 64, 2048, 8, 3), "bwd": (64, 128, 64, 8, 3)}
 
 
 @triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
+    stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Raw logits h[rows] @ w[cols]ᵀ (+ bias) of one [BLOCK_T, BLOCK_V] tile in fp32, masked loads (0 outside)."""
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        d_ok = (d_start + offs_d) < D
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_ht + (d_start + offs_d)[None, :] * stride_hd,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # [BLOCK_T, BLOCK_D]
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wv + (d_start + offs_d)[None, :] * stride_wd,
+            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # [BLOCK_V, BLOCK_D]
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr,
     m_ptr, s_ptr, a_ptr, zt_ptr,
@@ -39,7 +65,6 @@ def _linear_logprobs_fwd_kernel(
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     row_ok = rows < T
     tgt = tl.load(tgt_ptr + rows * stride_tgt, mask=row_ok, other=ignore_index)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_run = tl.full([BLOCK_T], -1.0e30, dtype=tl.float32)
     s_run = tl.zeros([BLOCK_T], dtype=tl.float32)
     a_run = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -47,20 +72,9 @@ def _linear_logprobs_fwd_kernel(
     for v_start in range(0, SPLIT_V, BLOCK_V):
         cols = pid_s * SPLIT_V + v_start + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
-        acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-        for d_start in range(0, D, BLOCK_D):
-            d_ok = (d_start + offs_d) < D
-            h = tl.load(
-                h_ptr + rows[:, None] * stride_ht + (d_start + offs_d)[None, :] * stride_hd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-            )  # [BLOCK_T, BLOCK_D]
-            w = tl.load(
-                w_ptr + cols[:, None] * stride_wv + (d_start + offs_d)[None, :] * stride_wd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-            )  # [BLOCK_V, BLOCK_D]
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
+                           stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
+                           HAS_BIAS, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
         # Tail columns must not count: exp(0) of a padded column would inflate the partition function.
         z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # [BLOCK_T, BLOCK_V]
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
@@ -94,21 +108,9 @@ def _linear_logprobs_bwd_kernel(
     lcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     cols = v0 + lcols
     col_ok = (lcols < VC) & (cols < V)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-    for d_start in range(0, D, BLOCK_D):
-        d_ok = (d_start + offs_d) < D
-        h = tl.load(
-            h_ptr + rows[:, None] * stride_ht + (d_start + offs_d)[None, :] * stride_hd,
-            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # [BLOCK_T, BLOCK_D]
-        w = tl.load(
-            w_ptr + cols[:, None] * stride_wv + (d_start + offs_d)[None, :] * stride_wd,
-            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # [BLOCK_V, BLOCK_D]
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
+                       stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
+                       HAS_BIAS, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
     logp = acc * inv_t - lse[:, None]  # [BLOCK_T, BLOCK_V]
