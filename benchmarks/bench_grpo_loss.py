@@ -114,7 +114,8 @@ def main() -> None:
         notes.append("liger_kernel is not installed: the Liger variant was skipped")
     if device == "cpu":
         notes.append("CPU: 'ours' runs the same PyTorch math as 'ref' (no kernel on the CPU): any difference is noise")
-    report = {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": git_commit("kernels", "benchmarks"),
+    report = {"device": name, "torch": torch.__version__, "triton": triton_version,
+              "commit": git_commit("kernels", "benchmarks"),
               "loss": "dapo, token level, beta=0.04, off-policy, fp32 logp, int64 mask", "warmup": args.warmup,
               "repeats": repeats, "peak_bandwidth_bytes_s": peak, "notes": notes, "results": []}
     kw = dict(loss_type="dapo", beta=0.04)

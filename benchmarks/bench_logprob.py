@@ -265,7 +265,8 @@ def main() -> None:
         triton_version = None
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     report = {
-        "device": name, "torch": torch.__version__, "triton": triton_version, "commit": git_commit("kernels", "benchmarks"),
+        "device": name, "torch": torch.__version__, "triton": triton_version,
+        "commit": git_commit("kernels", "benchmarks"),
         "op": args.op, "dtype": dtype, "D": D, "V": V, "repeats": args.repeats, "results": [],
         "load_before": load_average(),
         "memory_method": "CUDA max_memory_allocated delta" if device == "cuda" else

@@ -128,10 +128,14 @@ def optimizer_state_by_name(model, state: dict, optimizer) -> dict:
     }
 
 
+def _position_keyed(state: dict) -> bool:
+    """True for ``optimizer.state_dict()``'s own format (older checkpoints), False for the name-keyed one."""
+    return all(isinstance(i, int) for g in state["param_groups"] for i in g["params"])
+
+
 def optimizer_state_by_index(model, state: dict, optimizer) -> dict:
     """The inverse of ``optimizer_state_by_name`` for this model and optimizer; position-keyed input passes."""
-    if all(isinstance(k, int) for k in state["state"]) and all(
-            isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
+    if _position_keyed(state):
         return state
     index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
     missing = [n for g in state["param_groups"] for n in g["params"] if n not in index]
@@ -143,19 +147,19 @@ def optimizer_state_by_index(model, state: dict, optimizer) -> dict:
     }
 
 
-def load_training_state(path: Path, optimizer, scheduler, model=None, sharded: bool = False) -> dict:
+def load_training_state(path: Path, optimizer, scheduler, model, sharded: bool = False) -> dict:
     """Restores optimizer, scheduler and RNG states; returns the trainer state dict. ``sharded``: the model is
     FSDP2-sharded, and the full (name-keyed) optimizer state is scattered to the shards."""
     saved = torch.load(path / "optimizer.pt", weights_only=False)
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        saved = optimizer_state_by_name(model, saved, optimizer) if all(
-            isinstance(k, int) for k in saved["state"]) else saved
+        if _position_keyed(saved):
+            saved = optimizer_state_by_name(model, saved, optimizer)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=saved,
                                  options=StateDictOptions(full_state_dict=True))
     else:
-        optimizer.load_state_dict(optimizer_state_by_index(model, saved, optimizer) if model is not None else saved)
+        optimizer.load_state_dict(optimizer_state_by_index(model, saved, optimizer))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

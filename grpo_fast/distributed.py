@@ -179,16 +179,17 @@ def gathered_for_generation(*models):
     (a decode loop whose length differs between ranks) run no collective. Plain models pass through."""
     roots = [m for m in models if m is not None and is_sharded(m)]
     units = [m for root in roots for m in root.modules() if isinstance(m, _fsdp_module_type())]
+    inner = [u for u in units if not any(u is root for root in roots)]  # the root never reshards after forward
     for unit in units:
         unit.unshard()
-        if not any(unit is root for root in roots):  # the root never reshards after forward under FSDP2
-            unit.set_reshard_after_forward(False, recurse=False)
+    for unit in inner:
+        unit.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
+        for unit in inner:
+            unit.set_reshard_after_forward(True, recurse=False)
         for unit in units:
-            if not any(unit is root for root in roots):
-                unit.set_reshard_after_forward(True, recurse=False)
             unit.reshard()
 
 

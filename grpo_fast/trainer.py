@@ -243,23 +243,19 @@ class GRPOTrainer:
         args = self.args
         prompt_ids = [self.encode(r["prompt"]) for r in rows]
         with dist.gathered_for_generation(self.model):
-            out = self._generate(prompt_ids, group_size or args.num_generations, greedy, first_index)
+            out = self.sampler.generate(
+                prompt_ids,
+                group_size=group_size or args.num_generations,
+                max_new_tokens=args.max_completion_length,
+                temperature=0.0 if greedy else args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty,
+                stop=args.stop,
+                seed=[args.seed * 1_000_003 + first_index + i for i in range(len(rows))],
+            )
         return prompt_ids, out
-
-    def _generate(self, prompt_ids, group_size: int, greedy: bool, first_index: int):
-        args = self.args
-        return self.sampler.generate(
-            prompt_ids,
-            group_size=group_size,
-            max_new_tokens=args.max_completion_length,
-            temperature=0.0 if greedy else args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            stop=args.stop,
-            seed=[args.seed * 1_000_003 + first_index + i for i in range(len(prompt_ids))],
-        )
 
     def _score(self, rows: list[dict], out, group_size: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Rewards ``[N, R]`` (NaN = unscored) and counters of what went wrong, per reward function."""

@@ -44,9 +44,9 @@ def _chunk_token_grads(logp, r0, r1, old, ref, adv, mask, opts):
 
 
 def _fused_pass(hidden, weight, bias, targets, valid, inv_t, chunk, need, loss_args, opts):
-    """One pass over row chunks: logits (GEMM 1), log-softmax, logp and entropy, the per-token loss gradient g,
-    q = softmax − onehot in place (p_target − 1 in fp32), then d_logits = −g·q/temperature with the per-row factor
-    moved onto the [C, D] operands: d_hidden = −g ⊙ (q @ W) (GEMM 2), d_weight += qᵀ @ (−g ⊙ h) (GEMM 3),
+    """One pass over row chunks: logits (GEMM 1), log-softmax, logp and entropy, the per-token loss gradient g, q =
+    softmax − onehot in place (p_target − 1 in fp32), then d_logits = −g·q/temperature with the per-row factor moved
+    onto the [C, D] operands: d_hidden = −g ⊙ (q @ W) (GEMM 2), d_weight += qᵀ @ (−g ⊙ h) (GEMM 3),
     d_bias += qᵀ(−g). Returns logp [T], entropy [T] (fp32) and d_hidden [T, D], d_weight [V, D], d_bias [V] (fp32,
     or None when not needed)."""
     old, ref, adv, mask = loss_args
@@ -150,14 +150,14 @@ def linear_grpo_loss(
     ``top_entropy_quantile < 1`` masks the policy term with ``high_entropy_mask`` of the entropies, as TRL).
 
     Paths (same values; gradients flow to hidden, weight and bias):
-      - fused, on the PyTorch backend (CPU), when the loss is a sum of per-token terms each depending only on its own logp (token-level IS, a
-        loss type other than vespo, ``top_entropy_quantile == 1``) and a gradient is needed: ONE pass over row
-        chunks of ``chunk_size`` rows computes the logits (GEMM 1), logp, entropy, g = d loss / d logp of the
-        chunk (exact: autograd of ``grpo_loss`` taken at the chunk's entries, the others being placeholders the
-        separable loss ignores), d_logits = g·(onehot − softmax)/temperature in place (p_target − 1 in fp32),
-        d_hidden += d_logits @ W (GEMM 2), d_weight += d_logitsᵀ @ h (GEMM 3), d_bias += Σ d_logits. The forward
-        keeps the fp32 gradients [T, D], [V, D], [V] (cast to the input dtype in the backward, which only scales
-        them by the scalar upstream gradient): 3 GEMMs in all, two [C, V] fp32 tiles and O(T) floats besides.
+      - fused, on the PyTorch backend (CPU), when the loss is a sum of per-token terms each depending only on its own
+        logp (token-level IS, a loss type other than vespo, ``top_entropy_quantile == 1``) and a gradient is needed:
+        ONE pass over row chunks of ``chunk_size`` rows computes the logits (GEMM 1), logp, entropy, g = d loss / d
+        logp of the chunk (exact: autograd of ``grpo_loss`` taken at the chunk's entries, the others being
+        placeholders the separable loss ignores), d_logits = g·(onehot − softmax)/temperature in place (p_target − 1
+        in fp32), d_hidden += d_logits @ W (GEMM 2), d_weight += d_logitsᵀ @ h (GEMM 3), d_bias += Σ d_logits. The
+        forward keeps the fp32 gradients [T, D], [V, D], [V] (cast to the input dtype in the backward, which only
+        scales them by the scalar upstream gradient): 3 GEMMs in all, two [C, V] fp32 tiles and O(T) floats besides.
         One backward per call (the buffers are consumed).
       - chained otherwise (the Triton backend, sequence-level IS, vespo, entropy mask, or no gradient needed):
         ``linear_logprobs`` → ``grpo_loss``; the backward recomputes the logits (4 GEMMs).

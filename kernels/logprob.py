@@ -19,7 +19,8 @@ _TORCH_TILE_ELEMS = 4 * 1024 * 1024
 # Elements of the d_logits chunk the Triton backward writes per vocabulary chunk.
 _TRITON_TILE_ELEMS = 64 * 1024 * 1024
 # Launch shapes on CUDA (module-level so benchmarks/tune_logprob.py can sweep them):
-# fwd (BLOCK_T, BLOCK_V, BLOCK_D, SPLIT_V, num_warps, num_stages), bwd (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages).
+# fwd (BLOCK_T, BLOCK_V, BLOCK_D, SPLIT_V, num_warps, num_stages),
+# bwd (BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages).
 CUDA_BLOCKS = {"fwd": (64, 128, 64, 2048, 8, 3), "bwd": (64, 128, 64, 8, 3)}
 
 

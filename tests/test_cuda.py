@@ -34,7 +34,8 @@ def _lp_case(T, D, V, bias, ignore=(), seed=0, scale=1.0):
     b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if bias else None
     t = torch.randint(0, V, (T,), generator=g)
     t[list(ignore)] = -100
-    return h, w, b, t, torch.randn(T, generator=g, dtype=torch.float64), torch.randn(T, generator=g, dtype=torch.float64)
+    g_logp, g_ent = (torch.randn(T, generator=g, dtype=torch.float64) for _ in range(2))
+    return h, w, b, t, g_logp, g_ent
 
 
 def _lp_run(fn, dtype, device, h, w, b, t, g_logp, g_ent, **kw):
