@@ -41,7 +41,7 @@ bench: .installed-test
 	$(PY) benchmarks/bench_logprob.py --op grpo
 	$(PY) benchmarks/bench_grpo_loss.py
 	$(PY) benchmarks/bench_sampler.py
-	$(PY) benchmarks/bench_update.py
+	$(PY) benchmarks/bench_shared_prefix.py
 	$(PY) benchmarks/bench_e2e.py
 
 clean:

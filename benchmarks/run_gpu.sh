@@ -43,12 +43,12 @@ step() {  # step LIMIT_S CMD...: runs CMD under min(LIMIT_S, time to the deadlin
 run() {
   case $1 in
     tests) step 150 env PYTHONSAFEPATH=1 python3 -m pytest -q -n 8 -p no:cacheprovider --junitxml="$R/junit_cuda.xml" \
-             tests/test_cuda.py tests/test_grpo_loss.py tests/test_linear_grpo_loss.py tests/test_shared_prefix_update.py ;;
+             tests/test_cuda.py tests/test_grpo_loss.py tests/test_linear_grpo_loss.py tests/test_shared_prefix.py ;;
     logprob) step 70 python3 benchmarks/bench_logprob.py --variants naive ours --repeats 10 --out "$R/logprob_cuda.json" ;;
     grpo) step 60 python3 benchmarks/bench_logprob.py --op grpo --variants naive_grpo fused_grpo --repeats 10 \
             --out "$R/linear_grpo_loss_cuda.json" ;;
-    update) step 150 python3 benchmarks/bench_update.py --weights random --repeats 3 \
-              --variants padded shared_prefix shared_prefix_matmul --out "$R/update_cuda.json" ;;
+    update) step 150 python3 benchmarks/bench_shared_prefix.py --weights random --repeats 3 \
+              --variants padded shared_prefix shared_prefix_matmul --out "$R/shared_prefix_cuda.json" ;;
     sampler) step 45 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --repeats 3 \
                --out "$R/sampler_cuda.json" ;;
     sampler_large) step 60 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --prompts 16 \

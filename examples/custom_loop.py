@@ -6,8 +6,8 @@ What a larger stack (verl, OpenRLHF, your own) embeds: the shared-prefix sampler
 ``--model smollm2`` for the embedded SmolLM2-135M-Instruct.
 
 Simplifications: on-policy (one optimizer step per rollout, so old log-probs are None), beta = 0, no gradient
-accumulation; each completion carries its own copy of the prompt in the update (see grpo_fast.packed for the
-shared-prefix update).
+accumulation; each completion carries its own copy of the prompt in the update (see grpo_fast.shared_prefix for
+the shared-prefix update).
 
     python examples/custom_loop.py [--steps 20] [--model tiny|smollm2]
 

@@ -7,32 +7,12 @@ tensor exists: the decoder's hidden states go straight into ``linear_logprobs``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from grpo_fast.distributed import call_through_root
 from grpo_fast.kernels.logprob import linear_logprobs
 from grpo_fast.models import lm_head_of
-from grpo_fast.packed import can_share_prefix, shared_prefix_hidden_states
-
-
-@dataclass
-class PolicyBatch:
-    """One minibatch of the update. Prompts are stored once per group; ``group_size`` completions follow each."""
-
-    prompt_ids: list[list[int]]  # B lists of token ids
-    completion_ids: torch.Tensor  # [N, L]
-    completion_mask: torch.Tensor  # [N, L]
-    group_size: int
-
-    def __post_init__(self) -> None:
-        n = self.completion_ids.shape[0]
-        if n != len(self.prompt_ids) * self.group_size:
-            raise ValueError(
-                f"completion_ids has {n} rows; expected len(prompt_ids) * group_size = "
-                f"{len(self.prompt_ids)} * {self.group_size}"
-            )
+from grpo_fast.shared_prefix import PolicyBatch, can_share_prefix, shared_prefix_hidden_states
 
 
 def padded_inputs(batch: PolicyBatch, pad_id: int):

@@ -31,13 +31,14 @@ from grpo_fast import distributed as dist
 from grpo_fast.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from grpo_fast.config import GRPOConfig
 from grpo_fast.data import PromptEncoder, PromptOrder, is_conversational, load_rows
-from grpo_fast.forward import PolicyBatch, completion_logprobs
+from grpo_fast.forward import completion_logprobs
 from grpo_fast.kernels.advantages import group_advantages
 from grpo_fast.kernels.grpo_loss import grpo_loss, high_entropy_mask
 from grpo_fast.memory import OOM_HINT, preflight
 from grpo_fast.metrics import MetricsLog
 from grpo_fast.models import load_model, prepare_tokenizer
 from grpo_fast.sampler import SampleOutput, SharedPrefixSampler
+from grpo_fast.shared_prefix import PolicyBatch
 
 
 @dataclass

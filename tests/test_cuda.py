@@ -171,8 +171,8 @@ def test_sampler_greedy_matches_hf_generate_on_cuda():
 
 
 def test_shared_prefix_update_matches_padded_on_cuda():
-    from grpo_fast.forward import PolicyBatch, completion_hidden_states
-    from grpo_fast.packed import shared_prefix_hidden_states
+    from grpo_fast.forward import completion_hidden_states
+    from grpo_fast.shared_prefix import PolicyBatch, shared_prefix_hidden_states
     from grpo_fast.testing import tiny_causal_lm
 
     g = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
-"""The shared-prefix policy forward (grpo_fast/packed.py + kernels/prefix_train_attention.py) against the padded
-forward of grpo_fast/forward.py: hidden states and the gradient of every parameter.
+"""The shared-prefix training forward (grpo_fast/shared_prefix.py): its attention op against a float64 reference,
+forward and every gradient, and the whole forward against the padded forward of grpo_fast/forward.py (hidden states
+and the gradient of every parameter).
 
 Note on fp64: transformers' RMSNorm computes in fp32 even for fp64 models, so an fp64 model is only an fp32-accurate
 reference; the precision-aware bound (ours − ref64 ≤ 2 · (padded path, same dtype − ref64) + atol) still bites.
@@ -8,14 +9,19 @@ reference; the precision-aware bound (ours − ref64 ≤ 2 · (padded path, same
 from __future__ import annotations
 
 import functools
-import importlib
 
 import pytest
 import torch
 
-from grpo_fast.forward import PolicyBatch, completion_hidden_states, padded_inputs
-from grpo_fast.kernels.prefix_train_attention import prefix_train_attention, prefix_train_attention_ref
-from grpo_fast.packed import can_share_prefix, pack, shared_prefix_hidden_states
+from grpo_fast.forward import completion_hidden_states, padded_inputs
+from grpo_fast.shared_prefix import (
+    PolicyBatch,
+    SharedPrefixBatch,
+    can_share_prefix,
+    shared_prefix_attention,
+    shared_prefix_attention_ref,
+    shared_prefix_hidden_states,
+)
 from grpo_fast.testing import tiny_causal_lm
 
 PAD = 0
@@ -44,7 +50,7 @@ def _hidden_and_grads(model, batch: PolicyBatch, fn, weights: torch.Tensor):
 
 
 def _compare(kind: str, group_size: int, assert_close_2x, tie: bool = False, checkpointing: bool = False,
-             recompute: bool = False, dtype: torch.dtype = torch.float32):
+             recompute: bool = False, dtype: torch.dtype = torch.float32, impl: str = "auto"):
     batch = _batch(group_size)
     model = tiny_causal_lm(kind, seed=1, tie=tie).to(dtype)
     gen = torch.Generator().manual_seed(1)
@@ -57,7 +63,7 @@ def _compare(kind: str, group_size: int, assert_close_2x, tie: bool = False, che
     plain_h, plain_g = _hidden_and_grads(model, batch, completion_hidden_states, weights)
     shapes = []
     hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: shapes.append(out.shape))
-    ours_h, ours_g = _hidden_and_grads(model, batch, functools.partial(shared_prefix_hidden_states,
+    ours_h, ours_g = _hidden_and_grads(model, batch, functools.partial(shared_prefix_hidden_states, impl=impl,
                                                                        recompute_scores=recompute), weights)
     hook.remove()
     N, L = batch.completion_ids.shape
@@ -87,40 +93,40 @@ def test_recompute_scores(assert_close_2x):
 
 
 @pytest.mark.parametrize("impl", ["matmul", "sdpa"])
-def test_bfloat16_model(impl, assert_close_2x, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("grpo_fast.kernels.prefix_train_attention"), "IMPL", impl)
-    _compare("qwen2", 3, assert_close_2x, dtype=torch.bfloat16)
+def test_bfloat16_model(impl, assert_close_2x):
+    _compare("qwen2", 3, assert_close_2x, dtype=torch.bfloat16, impl=impl)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_sdpa_impl_matches_padded_forward(kind, assert_close_2x, monkeypatch):
+def test_sdpa_impl_matches_padded_forward(kind, assert_close_2x):
     """The CUDA default (concatenated keys through fused SDPA), forced on the CPU."""
-    monkeypatch.setattr(importlib.import_module("grpo_fast.kernels.prefix_train_attention"), "IMPL", "sdpa")
-    _compare(kind, 3, assert_close_2x)
+    _compare(kind, 3, assert_close_2x, impl="sdpa")
 
 
 def test_impl_validation():
     tensors, prefix_valid, suffix_valid = _op_args(1, 2, 2, False, torch.float32)
     with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'sdpa', 'matmul'\), got 'flash'"):
-        prefix_train_attention(*tensors[:3], prefix_valid, *tensors[3:], suffix_valid, 1, 0.3, impl="flash")
+        shared_prefix_attention(*tensors[:3], prefix_valid, *tensors[3:], suffix_valid, 1, 0.3, impl="flash")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        shared_prefix_hidden_states(tiny_causal_lm("llama"), _batch(2), PAD, impl="flash")
 
 
-def test_pack_holds_each_prompt_once():
+def test_layout_holds_each_prompt_once():
     batch = _batch(3)
-    packed = pack(batch, PAD)
+    layout = SharedPrefixBatch.from_policy_batch(batch, PAD)
     N, L = batch.completion_ids.shape
     B, P = len(batch.prompt_ids), max(len(p) for p in batch.prompt_ids)
-    assert packed.input_ids.shape == packed.position_ids.shape == (1, B * P + N * L)
-    assert packed.num_tokens == B * P + N * L < N * (P + L)
+    assert layout.input_ids.shape == layout.position_ids.shape == (1, B * P + N * L)
+    assert layout.num_tokens == B * P + N * L < N * (P + L)
     # The prompt tokens appear once per group, the completions once each.
-    prompts = packed.input_ids[0, : B * P].view(B, P)
+    prompts = layout.input_ids[0, : B * P].view(B, P)
     for b, ids in enumerate(batch.prompt_ids):
         assert prompts[b, : len(ids)].tolist() == ids and (prompts[b, len(ids) :] == PAD).all()
-    assert torch.equal(packed.input_ids[0, B * P :].view(N, L), batch.completion_ids)
+    assert torch.equal(layout.input_ids[0, B * P :].view(N, L), batch.completion_ids)
     # Completion positions are exactly the padded path's.
     _, _, pos, _ = padded_inputs(batch, PAD)
-    assert torch.equal(packed.position_ids[0, B * P :].view(N, L), pos[:, P:])
-    assert packed.gather_index.shape == (N, L)
+    assert torch.equal(layout.position_ids[0, B * P :].view(N, L), pos[:, P:])
+    assert layout.gather_index.shape == (N, L)
 
 
 def _op_args(group_size, H, Hkv, full_prompts, dtype, seed=0):
@@ -157,9 +163,9 @@ def _op_outputs_and_grads(fn, tensors, prefix_valid, suffix_valid, group_size, w
 def test_op_matches_reference(impl, group_size, heads, full_prompts):
     tensors, prefix_valid, suffix_valid = _op_args(group_size, *heads, full_prompts, torch.float64)
     weights = [torch.randn(t.shape, dtype=torch.float64) for t in (tensors[0], tensors[3])]
-    ours = _op_outputs_and_grads(prefix_train_attention, tensors, None if full_prompts else prefix_valid,
+    ours = _op_outputs_and_grads(shared_prefix_attention, tensors, None if full_prompts else prefix_valid,
                                  suffix_valid, group_size, weights, impl=impl)
-    ref = _op_outputs_and_grads(prefix_train_attention_ref, tensors, prefix_valid, suffix_valid, group_size, weights)
+    ref = _op_outputs_and_grads(shared_prefix_attention_ref, tensors, prefix_valid, suffix_valid, group_size, weights)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -170,9 +176,9 @@ def test_op_bfloat16(impl, assert_close_2x):
     ref_tensors = [t.detach().double().requires_grad_() for t in tensors]
     weights = [torch.randn(t.shape, dtype=torch.float64) for t in (tensors[0], tensors[3])]
     args = (prefix_valid, suffix_valid, 3, weights)
-    ours = _op_outputs_and_grads(prefix_train_attention, tensors, *args, impl=impl)
-    ref = _op_outputs_and_grads(prefix_train_attention_ref, ref_tensors, *args)
-    plain = _op_outputs_and_grads(prefix_train_attention_ref, tensors, *args)
+    ours = _op_outputs_and_grads(shared_prefix_attention, tensors, *args, impl=impl)
+    ref = _op_outputs_and_grads(shared_prefix_attention_ref, ref_tensors, *args)
+    plain = _op_outputs_and_grads(shared_prefix_attention_ref, tensors, *args)
     names = ["prompt_out", "comp_out", "d_prompt_q", "d_prompt_k", "d_prompt_v", "d_comp_q", "d_comp_k", "d_comp_v"]
     for name, o, r, p in zip(names, ours, ref, plain):
         assert_close_2x(o, r, p, atol=1e-3, name=name)
@@ -218,3 +224,26 @@ def test_sliding_window_wider_than_sequences():
         ref = completion_hidden_states(model, batch, PAD)
     mask = batch.completion_mask[..., None]
     torch.testing.assert_close(ours * mask, ref * mask, rtol=1e-4, atol=1e-4)
+
+
+def test_register_attention_makes_a_function_selectable():
+    from transformers import AttentionInterface
+
+    from grpo_fast.shared_prefix import TRAIN_ATTN_NAME, register_attention
+
+    assert TRAIN_ATTN_NAME in AttentionInterface()  # registered at import, where the function is defined
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append(query.shape)
+        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    assert register_attention("grpo_fast_test_spy", spy) == "grpo_fast_test_spy"
+    model = tiny_causal_lm("llama", seed=0)
+    model.set_attn_implementation("grpo_fast_test_spy")
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    assert len(calls) == model.config.num_hidden_layers
+    model.set_attn_implementation(TRAIN_ATTN_NAME)
+    with pytest.raises(RuntimeError, match="needs the shared_prefix= keyword"), torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))

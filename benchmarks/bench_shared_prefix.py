@@ -1,5 +1,6 @@
-"""Benchmark of one GRPO update's model part: padded forward (each completion with its own prompt copy) against the
-shared-prefix packed forward (each prompt once), forward + backward.
+"""Benchmark of the shared-prefix training forward (grpo_fast/shared_prefix.py) in one GRPO update's model part:
+padded forward (each completion with its own prompt copy) against the shared-prefix forward (each prompt once),
+forward + backward.
 
 One step = hidden states (``completion_hidden_states`` or ``shared_prefix_hidden_states``) → the fused LM-head
 log-prob op (``grpo_fast.kernels.logprob.linear_logprobs``) → loss = Σ logp · mask → backward into every
@@ -13,14 +14,14 @@ the RSS before it (activations, gradients and the transient buffers); on CUDA, m
 allocation before the step. Before timing, the parent checks that both variants give the same log-probs and
 gradients on a small P; it refuses to print a speed-up otherwise. CPU timings on a shared machine are noisy.
 
-    python benchmarks/bench_update.py            # P in {32, 256, 1024}, 3 repeats
-    python benchmarks/bench_update.py --quick    # P in {32, 256, 1024}, 1 repeat (the P = 1024 padded step is slow)
+    python benchmarks/bench_shared_prefix.py          # P in {32, 256, 1024}, 3 repeats
+    python benchmarks/bench_shared_prefix.py --quick  # 1 repeat per case (the P = 1024 padded step is slow)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import functools
 import json
 import os
 import statistics
@@ -52,7 +53,7 @@ def _model(weights: str, device: str, dtype: torch.dtype):
 
 
 def _batch(P: int, L: int, G: int, vocab: int, device: str):
-    from grpo_fast.forward import PolicyBatch
+    from grpo_fast.shared_prefix import PolicyBatch
 
     gen = torch.Generator().manual_seed(P)
     prompt = torch.randint(10, vocab, (P,), generator=gen).tolist()
@@ -63,11 +64,12 @@ def _batch(P: int, L: int, G: int, vocab: int, device: str):
 def _step_fn(model, variant: str, batch, pad: int):
     from grpo_fast.forward import completion_hidden_states
     from grpo_fast.kernels.logprob import linear_logprobs
-    from grpo_fast.packed import shared_prefix_hidden_states
+    from grpo_fast.shared_prefix import shared_prefix_hidden_states
 
-    hidden_fn = completion_hidden_states if variant == "padded" else shared_prefix_hidden_states
-    if variant == "shared_prefix_matmul":  # the CPU implementation of the completion attention, forced
-        importlib.import_module("grpo_fast.kernels.prefix_train_attention").IMPL = "matmul"
+    # shared_prefix_matmul forces the CPU form of the completion attention (the matmul one) on any device.
+    impl = "matmul" if variant == "shared_prefix_matmul" else "auto"
+    hidden_fn = (completion_hidden_states if variant == "padded"
+                 else functools.partial(shared_prefix_hidden_states, impl=impl))
     head = model.get_output_embeddings()
 
     def step():
@@ -190,7 +192,7 @@ def main() -> None:
     print(f"{'P':>6} {'variant':>14} {'tokens':>7} {'median s':>9} {'peak MiB':>9} {'speed-up':>9} {'mem ratio':>9}")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) if args.out else out_dir / f"update_{device}{'_quick' if args.quick else ''}.json"
+    path = Path(args.out) if args.out else out_dir / f"shared_prefix_{device}{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     for P in args.prompt_lens:
         rows = {v: _run(v, P, L, G, args.weights, dtype, repeats, device, args.threads) for v in args.variants}
