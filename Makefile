@@ -38,7 +38,7 @@ demo: .installed-test
 # Scripts put their own folder (benchmarks/) on sys.path, not the checkout's root, so kernels/ cannot shadow.
 bench: .installed-test
 	$(PY) benchmarks/bench_logprob.py
-	$(PY) benchmarks/bench_logprob.py --op grpo
+	$(PY) benchmarks/bench_linear_grpo_loss.py
 	$(PY) benchmarks/bench_grpo_loss.py
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_shared_prefix.py

@@ -45,7 +45,7 @@ run() {
     tests) step 150 env PYTHONSAFEPATH=1 python3 -m pytest -q -n 8 -p no:cacheprovider --junitxml="$R/junit_cuda.xml" \
              tests/test_cuda.py tests/test_grpo_loss.py tests/test_linear_grpo_loss.py tests/test_shared_prefix.py ;;
     logprob) step 70 python3 benchmarks/bench_logprob.py --variants naive ours --repeats 10 --out "$R/logprob_cuda.json" ;;
-    grpo) step 60 python3 benchmarks/bench_logprob.py --op grpo --variants naive_grpo fused_grpo --repeats 10 \
+    grpo) step 60 python3 benchmarks/bench_linear_grpo_loss.py --variants naive_grpo fused_grpo --repeats 10 \
             --out "$R/linear_grpo_loss_cuda.json" ;;
     update) step 150 python3 benchmarks/bench_shared_prefix.py --weights random --repeats 3 \
               --variants padded shared_prefix shared_prefix_matmul --out "$R/shared_prefix_cuda.json" ;;
