@@ -30,24 +30,13 @@ from pathlib import Path
 import torch
 
 from grpo_fast.kernels.grpo_loss import grpo_loss, grpo_loss_ref
-from common import git_commit
+from common import git_commit, peak_bandwidth
 
 ROOT = Path(__file__).resolve().parent.parent
-# Peak HBM bandwidth by device-name substring, most specific first ("NVIDIA H100 80GB HBM3" is the SXM part).
-PEAK_HBM_BYTES_S = {
-    "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12,
-    "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12, "A100-PCIE-40GB": 1.555e12, "L40S": 0.864e12,
-}
-
-
-def _peak_bandwidth(name: str) -> float | None:
-    for key, value in PEAK_HBM_BYTES_S.items():
-        if key in name:
-            return value
-    return None
-
-
-def _inputs(N, L, device, seed=0):
+VARIANTS = {"ref": grpo_loss_ref, "ours": grpo_loss}
+LOSS = dict(loss_type="dapo", beta=0.04)
+def inputs(N, L, device, seed=0):
+    """logp, old, ref ``[N, L]``, advantages ``[N]``, int64 mask ``[N, L]`` and entropy ``[N, L]``."""
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(N, L, generator=g) * 3
     old = logp + torch.randn(N, L, generator=g) * 0.1
@@ -102,7 +91,7 @@ def main() -> None:
         shapes = [(64, 1024), (256, 2048)] + ([(1024, 4096)] if device == "cuda" else [])
     repeats = 5 if args.quick else args.repeats
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    peak = _peak_bandwidth(name) if device == "cuda" else None
+    peak = peak_bandwidth(name) if device == "cuda" else None
     has_liger = importlib.util.find_spec("liger_kernel") is not None
     triton_version = None
     if importlib.util.find_spec("triton") is not None:
@@ -118,25 +107,21 @@ def main() -> None:
               "commit": git_commit("kernels", "benchmarks"),
               "loss": "dapo, token level, beta=0.04, off-policy, fp32 logp, int64 mask", "warmup": args.warmup,
               "repeats": repeats, "peak_bandwidth_bytes_s": peak, "notes": notes, "results": []}
-    kw = dict(loss_type="dapo", beta=0.04)
     print(f"device: {name}   torch {torch.__version__}   triton {triton_version}")
     header = f"{'N x L':>12} {'ref ms':>10} {'ours ms':>10} {'speed-up':>9}"
     if device == "cuda":
         header += f" {'ours GB/s':>10} {'% peak':>7}"
     print(header)
     for N, L in shapes:
-        logp, old, ref, adv, mask, ent = _inputs(N, L, device)
+        logp, old, ref, adv, mask, ent = inputs(N, L, device)
         rest = (old, ref, adv, mask)
 
-        def run_ref(x, *a):
-            return grpo_loss_ref(x, *a, entropy=ent, **kw)
-
-        def run_ours(x, *a):
-            return grpo_loss(x, *a, entropy=ent, **kw)
+        def with_entropy(fn):
+            return lambda x, *a: fn(x, *a, entropy=ent, **LOSS)
 
         row = {"N": N, "L": L}
-        for variant, times in _time({"ref": run_ref, "ours": run_ours}, logp, rest, args.warmup, repeats,
-                                    device).items():
+        for variant, times in _time({v: with_entropy(fn) for v, fn in VARIANTS.items()}, logp, rest, args.warmup,
+                                    repeats, device).items():
             row[variant] = {"times_s": times, "median_s": statistics.median(times)}
         row["speedup_vs_ref"] = row["ref"]["median_s"] / row["ours"]["median_s"]
         line = f"{f'{N}x{L}':>12} {row['ref']['median_s'] * 1e3:>10.3f} {row['ours']['median_s'] * 1e3:>10.3f}"

@@ -65,3 +65,18 @@ def reset_cpu_peak() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return proc_status_bytes("VmRSS")
+
+
+# Peak HBM bandwidth by device-name substring, most specific first ("NVIDIA H100 80GB HBM3" is the SXM part).
+PEAK_HBM_BYTES_S = {
+    "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12,
+    "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12, "A100-PCIE-40GB": 1.555e12, "L40S": 0.864e12,
+}
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    """Peak HBM bytes/s of a known CUDA device, by name; None for others (no fraction of peak reported)."""
+    for key, value in PEAK_HBM_BYTES_S.items():
+        if key in device_name:
+            return value
+    return None
