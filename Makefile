@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 PYTEST := PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PY) -m pytest
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo bench env clean
+.PHONY: test test-fast demo bench bench-ops env clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,9 +40,20 @@ bench: .installed-test
 	$(PY) benchmarks/bench_logprob.py
 	$(PY) benchmarks/bench_linear_grpo_loss.py
 	$(PY) benchmarks/bench_grpo_loss.py
+	$(PY) benchmarks/bench_advantages.py
+	$(PY) benchmarks/bench_prefix_attention.py
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_shared_prefix.py
 	$(PY) benchmarks/bench_e2e.py
+
+# Every op's benchmark as pytest-benchmark cases (small shapes, ours beside its baseline, grouped by op): statistics,
+# a saved run under .benchmarks/ and JSON under benchmarks/results/. No TRITON_INTERPRET: the interpreter is no speed.
+# One torch thread by default: steadier on a shared machine (BENCH_THREADS=8 make bench-ops on a dedicated one).
+BENCH_THREADS ?= 1
+BENCH_OPS_ARGS ?=
+bench-ops: .installed-test
+	OMP_NUM_THREADS=$(BENCH_THREADS) PYTHONSAFEPATH=1 $(PY) -m pytest benchmarks/test_bench_ops.py -p no:cacheprovider \
+		--benchmark-only --benchmark-autosave --benchmark-json=benchmarks/results/bench_ops.json $(BENCH_OPS_ARGS)
 
 clean:
 	rm -rf $(VENV) .installed-test build *.egg-info
