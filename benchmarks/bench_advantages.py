@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import functools
 import os
 import statistics
-import time
-from pathlib import Path
 
 import torch
-from common import git_commit, load_average, versions
+from common import git_commit, interleaved_times, load_average, versions, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("ref", "torch", "triton")
 
 
@@ -93,22 +90,6 @@ def max_error(fn, backend, x, group_size, scale, aggregation) -> float:
     return (adv.double() - ref.to(adv.device)).abs().max().item()
 
 
-def _time(fns: dict, x, warmup: int, repeats: int, inner: int, device: str) -> dict[str, list[float]]:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {v: [] for v in fns}
-    for i in range(warmup + repeats):
-        for v, (fn, backend) in fns.items():
-            with forced_backend(backend):
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn(x)
-                sync()
-                if i >= warmup:
-                    times[v].append((time.perf_counter() - t0) / inner)
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
@@ -157,7 +138,10 @@ def main() -> None:
                     fns[v] = (fn, backend)
                 else:
                     row["variants"][v]["skipped"] = f"wrong result: max abs error {err:.2e} > 1e-3"
-            for v, ts in _time(fns, x, args.warmup, repeats, args.inner, device).items():
+            calls = {v: functools.partial(fn, x) for v, (fn, _) in fns.items()}
+            times = interleaved_times(calls, args.warmup, repeats, args.inner, device,
+                                      context=lambda v: forced_backend(fns[v][1]))
+            for v, ts in times.items():
                 row["variants"][v].update(times_s=ts, median_s=statistics.median(ts))
             for v, r in row["variants"].items():
                 for base in ("torch", "ref"):
@@ -171,11 +155,7 @@ def main() -> None:
     for v, why in notes.items():
         print(f"note: {v} skipped: {why}")
     report["load_after"] = load_average()
-    out_dir = ROOT / "benchmarks" / "results"
-    path = Path(args.out) if args.out else out_dir / f"advantages_{device}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_report(report, "advantages", device, args.quick, args.out)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from grpo_fast.kernels.grpo_loss import grpo_loss, grpo_loss_ref
-from common import git_commit, peak_bandwidth
+from common import git_commit, peak_bandwidth, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"ref": grpo_loss_ref, "ours": grpo_loss}
 LOSS = dict(loss_type="dapo", beta=0.04)
 def inputs(N, L, device, seed=0):
@@ -137,12 +134,7 @@ def main() -> None:
         report["results"].append(row)
     for note in notes:
         print("note:", note)
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) if args.out else out_dir / f"grpo_loss_{device}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_report(report, "grpo_loss", device, args.quick, args.out)
 
 
 if __name__ == "__main__":

@@ -22,17 +22,14 @@ Heads are SmolLM2-135M's (H = 9, Hkv = 3, Dh = 64).
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import statistics
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import git_commit, load_average, peak_bandwidth, versions
+from common import git_commit, interleaved_times, load_average, peak_bandwidth, versions, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("sdpa_expanded", "ours")
 HEADS = (9, 3, 64)  # H, Hkv, Dh
 
@@ -78,22 +75,6 @@ def kv_bytes(variant: str, B: int, G: int, P: int, Ls: int, dtype: torch.dtype, 
     return 2 * tokens * Hkv * Dh * torch.empty((), dtype=dtype).element_size()
 
 
-def _time(fns: dict, x: dict, warmup: int, repeats: int, inner: int, device: str) -> dict[str, list[float]]:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {v: [] for v in fns}
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for v, fn in fns.items():
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn(x)
-                sync()
-                if i >= warmup:
-                    times[v].append((time.perf_counter() - t0) / inner)
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
@@ -135,8 +116,8 @@ def main() -> None:
         with torch.no_grad():
             diff = (fns["ours"](x).float() - fns["sdpa_expanded"](x).float()).abs().max().item()
         ok = diff <= tolerance(dtype)
-        timed = _time(fns if ok else {"sdpa_expanded": fns["sdpa_expanded"]}, x, args.warmup, repeats, args.inner,
-                      device)
+        calls = {v: functools.partial(fn, x) for v, fn in fns.items() if ok or v == "sdpa_expanded"}
+        timed = interleaved_times(calls, args.warmup, repeats, args.inner, device, context=lambda v: torch.no_grad())
         row = {"B": B, "G": G, "P": P, "Ls": Ls, "max_abs_diff": diff, "variants": {}}
         for v in VARIANTS:
             r = row["variants"][v] = {"kv_bytes": kv_bytes(v, B, G, P, Ls, dtype)}
@@ -156,11 +137,7 @@ def main() -> None:
             print(line)
         report["results"].append(row)
     report["load_after"] = load_average()
-    out_dir = ROOT / "benchmarks" / "results"
-    path = Path(args.out) if args.out else out_dir / f"prefix_attention_{device}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_report(report, "prefix_attention", device, args.quick, args.out)
 
 
 if __name__ == "__main__":

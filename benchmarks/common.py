@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import json
 import os
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,3 +84,38 @@ def peak_bandwidth(device_name: str) -> float | None:
         if key in device_name:
             return value
     return None
+
+
+def interleaved_times(calls: dict[str, Callable[[], object]], warmup: int, repeats: int, inner: int, device: str,
+                      context: Callable[[str], contextlib.AbstractContextManager] | None = None) -> dict[str, list]:
+    """Seconds per call of each of ``calls`` (name → no-argument function), one entry per repeat after ``warmup``.
+
+    A repeat runs ``inner`` calls back to back, synchronized once on CUDA (launch-bound ops are timed as they run
+    in a loop, not one host round trip each); the variants alternate within each repeat so that a shared machine's
+    drifting load hits them alike. ``context(name)`` wraps each variant's calls (a forced backend, no_grad).
+    """
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {name: [] for name in calls}
+    for i in range(warmup + repeats):
+        for name, call in calls.items():
+            with context(name) if context else contextlib.nullcontext():
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    call()
+                sync()
+                elapsed = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(elapsed / inner)
+    return times
+
+
+def write_report(report: dict, op: str, device: str, quick: bool = False, out: str | None = None) -> Path:
+    """Writes ``report`` as JSON to ``out`` or benchmarks/results/<op>_<device>[_quick].json and says where."""
+    path = Path(out) if out else ROOT / "benchmarks" / "results" / f"{op}_{device}{'_quick' if quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return path

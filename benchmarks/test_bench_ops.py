@@ -51,30 +51,29 @@ def _lm_head_grads(fn, h, w, t):
     return [out.detach(), h.grad.clone(), w.grad.clone()]
 
 
-@pytest.mark.parametrize("variant", ["naive", "ours"])
-def test_logprob(benchmark, variant):
-    from bench_logprob import make_fn
+def _lm_head_case(benchmark, script: str, variant: str, what: str, atol: float):
+    """An LM-head op's case: forward + backward at T=512, D=128, V=8192; ``VARIANTS[0]`` of ``script`` is the
+    baseline."""
     from lm_head import inputs, stepper
 
-    benchmark.group = "logprob T=512 D=128 V=8192"
+    module = __import__(script)
+    benchmark.group = f"{what} T=512 D=128 V=8192"
     h, w, t = inputs(512, 128, 8192, "float32", DEVICE)
-    if variant != "naive":
-        _close_or_skip(_lm_head_grads(make_fn(variant), h, w, t), _lm_head_grads(make_fn("naive"), h, w, t),
-                       1e-4, 1e-5, "linear_logprobs")
-    benchmark(stepper(make_fn(variant), h, w, t, DEVICE))
+    base = module.VARIANTS[0]
+    if variant != base:
+        _close_or_skip(_lm_head_grads(module.make_fn(variant), h, w, t),
+                       _lm_head_grads(module.make_fn(base), h, w, t), 1e-4, atol, what)
+    benchmark(stepper(module.make_fn(variant), h, w, t, DEVICE))
+
+
+@pytest.mark.parametrize("variant", ["naive", "ours"])
+def test_logprob(benchmark, variant):
+    _lm_head_case(benchmark, "bench_logprob", variant, "logprob", 1e-5)
 
 
 @pytest.mark.parametrize("variant", ["naive_grpo", "chained_grpo", "fused_grpo"])
 def test_linear_grpo_loss(benchmark, variant):
-    from bench_linear_grpo_loss import make_fn
-    from lm_head import inputs, stepper
-
-    benchmark.group = "linear_grpo_loss T=512 D=128 V=8192"
-    h, w, t = inputs(512, 128, 8192, "float32", DEVICE)
-    if variant != "naive_grpo":
-        _close_or_skip(_lm_head_grads(make_fn(variant), h, w, t), _lm_head_grads(make_fn("naive_grpo"), h, w, t),
-                       1e-4, 1e-6, "linear_grpo_loss")
-    benchmark(stepper(make_fn(variant), h, w, t, DEVICE))
+    _lm_head_case(benchmark, "bench_linear_grpo_loss", variant, "linear_grpo_loss", 1e-6)
 
 
 @pytest.mark.parametrize("variant", ["ref", "ours"])
