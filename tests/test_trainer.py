@@ -215,7 +215,8 @@ def test_callback_can_stop_training(tmp_path):
 def test_minibatches_that_split_groups():
     """per_device_train_batch_size < num_generations: a minibatch holds part of a group; each of its completions
     carries its own prompt copy, and its log-probs equal those of the same rows forwarded as whole groups."""
-    from grpo_fast.forward import PolicyBatch, completion_logprobs
+    from grpo_fast.forward import completion_logprobs
+    from grpo_fast.shared_prefix import PolicyBatch
     from grpo_fast.trainer import Rollout
 
     g = torch.Generator().manual_seed(0)
