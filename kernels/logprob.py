@@ -28,7 +28,7 @@ CUDA_BLOCKS = {"fwd": (64, 128, 64, 2048, 8, 3), "bwd": (64, 128, 64, 8, 3)}
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Raw logits h[rows] @ w[cols]ᵀ (+ bias) of one [BLOCK_T, BLOCK_V] tile in fp32, masked loads (0 outside)."""
@@ -44,6 +44,9 @@ def _logits_tile(
             w_ptr + cols[:, None] * stride_wv + (d_start + offs_d)[None, :] * stride_wd,
             mask=col_ok[:, None] & d_ok[None, :], other=0.0,
         )  # [BLOCK_V, BLOCK_D]
+        if UPCAST_DOT:  # exact: a product of two bf16 values fits in fp32's mantissa
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -56,7 +59,7 @@ def _linear_logprobs_fwd_kernel(
     m_ptr, s_ptr, a_ptr, zt_ptr,
     T, V, D, inv_t, ignore_index,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_b, stride_tgt, stride_pt,
-    HAS_BIAS: tl.constexpr, SPLIT_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_V: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_T rows × one vocabulary split of SPLIT_V columns. Writes per-split partials
@@ -75,7 +78,7 @@ def _linear_logprobs_fwd_kernel(
         col_ok = cols < V
         acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
                            stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
-                           HAS_BIAS, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
+                           HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
         # Tail columns must not count: exp(0) of a padded column would inflate the partition function.
         z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # [BLOCK_T, BLOCK_V]
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
@@ -97,7 +100,7 @@ def _linear_logprobs_bwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, dz_ptr,
     T, V, D, v0, VC, inv_t,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_b, stride_tgt, stride_dt, stride_dv,
-    HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """d_logits for columns [v0, v0 + VC): gl·(onehot − p) − ge·p·(z − E_p z), in fp32, stored in the input
@@ -111,7 +114,7 @@ def _linear_logprobs_bwd_kernel(
     col_ok = (lcols < VC) & (cols < V)
     acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
                        stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
-                       HAS_BIAS, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
+                       HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
     logp = acc * inv_t - lse[:, None]  # [BLOCK_T, BLOCK_V]
@@ -138,6 +141,12 @@ def _dot_precision(hidden: torch.Tensor) -> str:
     return "tf32"
 
 
+def _upcast_dot(hidden: torch.Tensor) -> bool:
+    """The interpreter (Triton on CPU tensors) returns garbage from tl.dot on bf16 operands (triton 3.9.0): there
+    the tiles are upcast to fp32 first. Compiled kernels keep bf16 tensor-core dots with fp32 accumulation."""
+    return hidden.dtype == torch.bfloat16 and not hidden.is_cuda
+
+
 def _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index):
     """Returns (logp, lse, entropy) in fp32, each [T]. Split-V partials merged here, without locks."""
     T, D = hidden.shape
@@ -156,6 +165,7 @@ def _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index):
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, targets.stride(0), part.stride(1),
         HAS_BIAS=bias is not None, SPLIT_V=split_v, DOT_PRECISION=_dot_precision(hidden),
+        UPCAST_DOT=_upcast_dot(hidden),
         BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     m, s, a, zt = part.unbind(0)  # [T, splits] each
@@ -194,6 +204,7 @@ def _triton_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             bias.stride(0) if bias is not None else 0, targets.stride(0), d_chunk.stride(0), d_chunk.stride(1),
             HAS_BIAS=bias is not None, HAS_GE=ge is not None, DOT_PRECISION=_dot_precision(hidden),
+            UPCAST_DOT=_upcast_dot(hidden),
             BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if d_hidden is not None:
@@ -347,8 +358,17 @@ def _torch_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, 
 
 
 class _LinearLogprobs(torch.autograd.Function):
+    # Both directions run with autocast off: the inputs already carry the dtype the op computes in (see
+    # _autocast_inputs), and autocast would otherwise re-cast the fp32 statistics and refuse the out= ops.
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy, chunk, triton_path):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _LinearLogprobs._forward(
+                ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy, chunk, triton_path
+            )
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy, chunk, triton_path):
         inv_t = 1.0 / temperature
         valid = targets != ignore_index  # [T]
         targets = torch.where(valid, targets, 0)  # ignored rows read column 0; their results are zeroed below
@@ -366,6 +386,11 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _LinearLogprobs._backward(ctx, g_logp, g_entropy)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         inv_t, valid, chunk, triton_path = ctx.cfg
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
@@ -384,6 +409,21 @@ class _LinearLogprobs(torch.autograd.Function):
         return d_h, d_w, d_b, None, None, None, None, None, None
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Inside ``torch.autocast`` the head computes as ``nn.Linear`` would there: hidden, weight and bias cast to the
+    autocast dtype (bf16 GEMMs, fp32 accumulation in the op). The casts are differentiable, so fp32 master weights
+    receive fp32 gradients. fp64 tensors are left alone, as autocast leaves them."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(t):
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if ok else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _validate(hidden, weight, targets, temperature, bias, chunk_size, dtypes):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a 2-D tensor [T, D], got {_shape(hidden)}")
@@ -396,7 +436,7 @@ def _validate(hidden, weight, targets, temperature, bias, chunk_size, dtypes):
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(
             f"weight must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
-            f"got ({weight.dtype}, {weight.device})"
+            f"got ({weight.dtype}, {weight.device}); mixed dtypes are cast only under torch.autocast, as in nn.Linear"
         )
     if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or tuple(targets.shape) != (T,):
         got = f"{targets.dtype} {_shape(targets)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
@@ -442,7 +482,8 @@ def linear_logprobs(
 
     Args:
         hidden: [T, D] float32 / bfloat16 / float16, any strides.
-        weight: [V, D], same dtype and device as hidden.
+        weight: [V, D], same dtype and device as hidden. Under ``torch.autocast`` hidden, weight and bias are
+            first cast to the autocast dtype, as ``nn.Linear`` does (so bf16 activations meet fp32 master weights).
         targets: [T] int64 token ids.
         temperature: > 0; logits are divided by it (as TRL does).
         bias: optional [V].
@@ -453,6 +494,7 @@ def linear_logprobs(
     Returns:
         logp [T] float32, or (logp, entropy) both [T] float32.
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate(hidden, weight, targets, temperature, bias, chunk_size, (torch.float32, torch.bfloat16, torch.float16))
     V = weight.shape[0]
     chunk = chunk_size if chunk_size is not None else max(1, _TORCH_TILE_ELEMS // V)
@@ -475,7 +517,9 @@ def linear_logprobs_ref(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: materializes the [T, V] logits and computes in the inputs' dtype — pass float64 tensors for
     the oracle, or the kernel's own dtype for the plain baseline. Returns float64 for float64 inputs, else float32.
+    Under ``torch.autocast`` the inputs are cast as in ``linear_logprobs``.
     ``chunk_size`` is accepted for signature parity and ignored."""
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate(hidden, weight, targets, temperature, bias, chunk_size,
               (torch.float32, torch.bfloat16, torch.float16, torch.float64))  # fmt: skip
     logits = hidden @ weight.t()  # [T, V]

@@ -217,3 +217,38 @@ def test_validation_messages():
         linear_logprobs(h, w, t, bias=torch.zeros(9))
     with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
         linear_logprobs(h, w, t, chunk_size=0)
+
+
+def _run_autocast(fn, case, hidden_dtype, autocast, temperature=0.7):
+    """Forward under CPU bf16 autocast (when ``autocast``) with fp32 master weights, backward outside it."""
+    h, w, b, t, g_logp, g_ent = case
+    param_dtype = torch.float32 if autocast else torch.float64
+    hh = h.detach().to(hidden_dtype if autocast else torch.float64).requires_grad_()
+    ww = w.detach().to(param_dtype).requires_grad_()
+    bb = b.detach().to(param_dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logp, ent = fn(hh, ww, t, temperature=temperature, bias=bb, return_entropy=True)
+    ((logp.double() * g_logp).sum() + (ent.double() * g_ent).sum()).backward()
+    return {"logp": logp, "entropy": ent, "d_hidden": hh.grad, "d_weight": ww.grad, "d_bias": bb.grad}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("hidden_dtype", [torch.bfloat16, torch.float32], ids=["bf16-hidden", "fp32-hidden"])
+def test_autocast_mixed_dtypes(backend, hidden_dtype, assert_close_2x, poison, force_backend):
+    """What autocast hands the head: bf16 (or fp32) activations and fp32 master weights. The op casts them as
+    nn.Linear does under autocast and accumulates in fp32; outputs are fp32 and each gradient has its leaf's dtype.
+    The plain baseline is the reference under the same autocast (a bf16 [T, V] logits GEMM)."""
+    force_backend(backend)
+    T, V = (37, 4231) if backend == "torch" else (19, 300)
+    case = _inputs(T, 48, V, True, ignore=(0, T - 2))
+    ref64 = _run_autocast(linear_logprobs_ref, case, hidden_dtype, autocast=False)
+    plain = _run_autocast(linear_logprobs_ref, case, hidden_dtype, autocast=True)
+    ours = _run_autocast(linear_logprobs, case, hidden_dtype, autocast=True)
+    expected = {"logp": torch.float32, "entropy": torch.float32, "d_hidden": hidden_dtype,
+                "d_weight": torch.float32, "d_bias": torch.float32}
+    for name, dtype in expected.items():
+        assert ours[name].dtype == dtype, name
+        assert_close_2x(ours[name], ref64[name], plain[name], atol=ATOL[torch.bfloat16], name=name)
+    # fp32 inputs outside autocast stay fp32: autocast, not the op, decides the GEMM precision
+    fp32 = _run(linear_logprobs, torch.float32, *case, temperature=0.7)
+    assert (fp32["logp"] - ref64["logp"]).abs().max() < 1e-4 < (ours["logp"] - ref64["logp"]).abs().max()
