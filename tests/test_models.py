@@ -8,9 +8,9 @@ import types
 
 import pytest
 import torch
-from grpo_fast.kernels.logprob import linear_logprobs
 
 from grpo_fast.forward import PolicyBatch, completion_logprobs, padded_inputs
+from grpo_fast.kernels.logprob import linear_logprobs
 from grpo_fast.models import lm_head_of
 
 TEMPERATURE = 0.7
