@@ -192,12 +192,14 @@ def main():
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers (CUDA; ours ignores it on the CPU)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers (with --device cuda)")
     p.add_argument("--weights", choices=("default", "random"), default="default")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
+    if args.bf16 and args.device != "cuda":  # TRL would autocast the CPU, grpo_fast stays fp32 there: not like for like
+        p.error("--bf16 needs --device cuda (grpo_fast trains in fp32 on the CPU)")
     import tempfile
 
     import transformers
