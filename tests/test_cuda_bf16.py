@@ -133,3 +133,43 @@ def test_sampler_decodes_in_bf16(device, tmp_path, monkeypatch):
     assert gap_bf16 < gap_fp32, (gap_bf16, gap_fp32)
     _, metrics = t._minibatch_loss(rollout, 0, first=True)
     assert "sampling/sampling_logp_difference/max" in metrics
+
+
+def _head_case(T: int, D: int, V: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) * (3.0 / D**0.5)  # logits of order ±3
+    t = torch.randint(0, V, (T,), generator=g)
+    t[[0, T - 1]] = -100
+    return h, w, t, torch.randn(T, generator=g, dtype=torch.float64), torch.randn(T, generator=g, dtype=torch.float64)
+
+
+def _head_run(fn, case, device, hidden_dtype, weight_dtype, autocast, **kw):
+    h, w, t, g_logp, g_ent = case
+    hh = h.detach().to(device, hidden_dtype).requires_grad_()
+    ww = w.detach().to(device, weight_dtype).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        logp, ent = fn(hh, ww, t.to(device), temperature=0.7, return_entropy=True, **kw)
+    ((logp.double() * g_logp.to(device)).sum() + (ent.double() * g_ent.to(device)).sum()).backward()
+    return {k: v.detach().cpu() for k, v in {"logp": logp, "entropy": ent, "d_hidden": hh.grad,
+                                             "d_weight": ww.grad}.items()}  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("hidden_dtype", "weight_dtype", "autocast", "softcap"),
+    [(torch.float32, torch.float32, False, 30.0), (torch.bfloat16, torch.bfloat16, False, 2.0),
+     (torch.float32, torch.float32, True, None), (torch.bfloat16, torch.float32, True, 2.0)],
+    ids=["fp32-cap30", "bf16-cap2", "autocast-fp32-inputs", "autocast-bf16-hidden-fp32-weight-cap2"],
+)
+def test_fused_head_compiled(hidden_dtype, weight_dtype, autocast, softcap, assert_close_2x):
+    """The compiled kernels with a soft-cap and under autocast (Gemma-2's head: V = 256000 is cut to 32003 here)."""
+    from grpo_fast.kernels.logprob import linear_logprobs, linear_logprobs_ref
+
+    case = _head_case(300, 256, 32003)
+    ours = _head_run(linear_logprobs, case, "cuda", hidden_dtype, weight_dtype, autocast, softcap=softcap)
+    plain = _head_run(linear_logprobs_ref, case, "cuda", hidden_dtype, weight_dtype, autocast, softcap=softcap)
+    ref64 = _head_run(linear_logprobs_ref, case, "cpu", torch.float64, torch.float64, False, softcap=softcap)
+    low = autocast or hidden_dtype == torch.bfloat16
+    for name in ref64:
+        assert_close_2x(ours[name], ref64[name], plain[name], atol=1e-3 if low else 1e-5, name=name)
