@@ -166,8 +166,8 @@ def _dot_precision(hidden: torch.Tensor) -> str:
 
 
 def _upcast_dot(hidden: torch.Tensor) -> bool:
-    """The interpreter (Triton on CPU tensors) returns garbage from tl.dot on bf16 operands (triton 3.9.0): there
-    the tiles are upcast to fp32 first. Compiled kernels keep bf16 tensor-core dots with fp32 accumulation."""
+    """The interpreter (Triton on CPU tensors) multiplies the raw bit patterns of bf16 tl.dot operands (triton 3.9.0;
+    triton-lang/triton#11584): there the tiles are upcast to fp32 first. Compiled kernels keep bf16 dots."""
     return hidden.dtype == torch.bfloat16 and not hidden.is_cuda
 
 
