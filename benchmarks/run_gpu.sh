@@ -57,10 +57,14 @@ run() {
     logprob7b) step 90 python3 benchmarks/bench_logprob.py --hidden 4096 --vocab 151936 --tokens 4096 16384 \
                  --variants naive ours --repeats 5 --out "$R/logprob_7b_cuda.json" ;;
     tune) step 90 python3 benchmarks/tune_logprob.py --out "$R/tune_logprob_cuda.json" ;;
+    bf16) step 120 env PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider --junitxml="$R/junit_bf16.xml" \
+            tests/test_cuda_bf16.py ;;
+    e2e) step 240 python3 benchmarks/bench_e2e.py --device cuda --bf16 --weights random --configs short,long \
+           --prompts 4 --out "$R/e2e_cuda_bf16.json" ;;
     *) echo "unknown step $1" ;;
   esac
 }
-for name in ${STEPS:-tests logprob grpo update sampler sampler_large grpo_loss logprob7b tune}; do run "$name"; done
+for name in ${STEPS:-tests bf16 logprob grpo update sampler sampler_large grpo_loss logprob7b tune e2e}; do run "$name"; done
 
 echo "=== summary"
 cat "$LOG"

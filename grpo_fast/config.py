@@ -67,7 +67,8 @@ REFUSED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
                              "the logits in fp32 anyway)"),
     "generation_kwargs": ((None, {}), "the sampler takes only temperature, top_p, top_k, min_p, repetition_penalty "
                           "and stop"),
-    "fp16": ((False,), "fp16 mixed precision is not supported; use bf16"),
+    "fp16": ((False,), "fp16 mixed precision is not supported: it needs loss scaling (a GradScaler) that "
+             "grpo_fast's update does not implement; use bf16 (autocast on CUDA, no scaling needed)"),
     "optim": (("adamw_torch", "adamw_torch_fused"), "grpo_fast optimizes with torch.optim.AdamW"),
     "optim_args": ((None, ""), "grpo_fast optimizes with torch.optim.AdamW"),
     "optim_target_modules": ((None,), "grpo_fast optimizes with torch.optim.AdamW over all trainable parameters"),
@@ -161,7 +162,8 @@ class _Fields:
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints; None = keep all.", ge=1)
     eval_steps: int | float | None = _f(None, "Evaluate every N optimizer steps; < 1 = fraction; 0/None = never.",
                                         ge=0)
-    bf16: bool | None = _f(None, "bf16 mixed precision; None = on (TRL's default).", math=True)
+    bf16: bool | None = _f(None, "bf16 autocast on CUDA (fp32 master weights; the CPU trains in fp32); None = on "
+                           "(TRL's default).", math=True)
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     fsdp: str | None = _f(None, "'full_shard': shard weights, gradients and optimizer states over the torchrun ranks "
                           "with FSDP2 (one unit per decoder layer + the root); None = replicate (data parallel).")

@@ -79,6 +79,7 @@ def _logprobs(model, batch, pad_id, temperature, with_entropy, shared_prefix):
         temperature=temperature / head.scale,
         bias=head.bias,
         return_entropy=with_entropy,
+        softcap=head.softcap,
     )
     if with_entropy:
         logp, entropy = out

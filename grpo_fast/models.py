@@ -132,22 +132,23 @@ def lm_head_of(model) -> LMHead:
     """The head the fused log-prob op must reproduce, or a clear refusal when it cannot.
 
     Cohere's ``logit_scale`` and Granite's ``logits_scaling`` are plain scalings: folded in as ``scale`` (the op
-    divides by ``temperature / scale``). Gemma-2's ``final_logit_softcapping`` is a tanh after the matmul: a fused
-    linear op cannot fold it in, so it is refused rather than giving silently wrong log-probs.
+    divides by ``temperature / scale``). Gemma-2/3's ``final_logit_softcapping`` c is the tanh cap c·tanh(y / c) after
+    the matmul: passed as ``softcap`` (the op applies it before the temperature, as transformers then TRL do).
+    Read from ``model.config`` as the model itself reads it.
     """
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"{type(model).__name__}: the output embedding is {type(head).__name__}, not a Linear layer")
     config = model.config
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        raise ValueError(
-            f"{type(model).__name__} applies final_logit_softcapping={cap} to its logits; the fused log-prob op "
-            "computes a plain linear head and would give wrong log-probs, so this model is not supported"
-        )
     scale = 1.0
     if getattr(config, "logit_scale", None):  # Cohere multiplies the logits
         scale *= float(config.logit_scale)
     if getattr(config, "logits_scaling", None):  # Granite divides them
         scale /= float(config.logits_scaling)
-    return LMHead(head.weight, head.bias, scale, None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap and scale != 1.0:
+        raise ValueError(
+            f"{type(model).__name__} both scales (by {scale}) and soft-caps (final_logit_softcapping={cap}) its "
+            "logits; no known model does both and their order is not defined, so this model is not supported"
+        )
+    return LMHead(head.weight, head.bias, scale, float(cap) if cap else None)

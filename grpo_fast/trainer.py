@@ -127,6 +127,9 @@ class GRPOTrainer:
         self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
         self.model, self.tokenizer = model, processing_class
         self.device = next(model.parameters()).device
+        if args.bf16 and self.device.type != "cuda":
+            warnings.warn(f"bf16=True has no effect on {self.device.type}: grpo_fast autocasts to bf16 on CUDA only "
+                          "and trains in fp32 here; set bf16=False to silence this")
         self.reward_funcs = self._resolve_reward_funcs(reward_funcs)
         self.reward_names = [reward_func_name(f) for f in self.reward_funcs]
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
@@ -225,6 +228,15 @@ class GRPOTrainer:
             with self.model.disable_adapter():
                 yield self.model
 
+    def _autocast(self):
+        """bf16 autocast over every forward of the model (sampler, policy, reference) on CUDA, so the sampler
+        decodes in the training forward's precision; parameters, gradients and optimizer states stay fp32. One
+        context spans a whole ``generate`` call, so autocast casts each trainable weight once per call, not per
+        decode step. Elsewhere a no-op: the CPU trains in fp32 (see ``__init__``'s warning)."""
+        if self.args.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _steps_from_epochs(self) -> int:
         """max_steps = -1: as many optimizer steps as num_train_epochs passes over the prompts take (TRL's count)."""
         args = self.args
@@ -243,7 +255,7 @@ class GRPOTrainer:
         how many ranks share the run."""
         args = self.args
         prompt_ids = [self.encode(r["prompt"]) for r in rows]
-        with dist.gathered_for_generation(self.model):
+        with dist.gathered_for_generation(self.model), self._autocast():
             out = self.sampler.generate(
                 prompt_ids,
                 group_size=group_size or args.num_generations,
@@ -345,7 +357,7 @@ class GRPOTrainer:
         batch = PolicyBatch(prompt_ids, out.completion_ids.to(self.device), mask, g)
         ref_logp = None
         if args.beta != 0.0:
-            with torch.no_grad(), self._reference() as ref_model:
+            with torch.no_grad(), self._reference() as ref_model, self._autocast():
                 ref_logp, _ = completion_logprobs(
                     ref_model, batch, self.pad_id, args.temperature, False, args.shared_prefix_update
                 )
@@ -517,7 +529,8 @@ class GRPOTrainer:
                 self._record(gen_metrics)
                 t_update = time.perf_counter()
             k = self.micro_step % args.steps_per_generation
-            loss, metrics = self._minibatch_loss(self.rollout, k, first=self.micro_step % per_generation == 0)
+            with self._autocast():  # the forwards and the loss; backward runs outside, as autocast recommends
+                loss, metrics = self._minibatch_loss(self.rollout, k, first=self.micro_step % per_generation == 0)
             self._step_loss += loss.detach()
             if torch.isfinite(loss):
                 loss.backward()

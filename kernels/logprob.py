@@ -28,7 +28,7 @@ CUDA_BLOCKS = {"fwd": (64, 128, 64, 2048, 8, 3), "bwd": (64, 128, 64, 8, 3)}
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Raw logits h[rows] @ w[cols]ᵀ (+ bias) of one [BLOCK_T, BLOCK_V] tile in fp32, masked loads (0 outside)."""
@@ -44,6 +44,9 @@ def _logits_tile(
             w_ptr + cols[:, None] * stride_wv + (d_start + offs_d)[None, :] * stride_wd,
             mask=col_ok[:, None] & d_ok[None, :], other=0.0,
         )  # [BLOCK_V, BLOCK_D]
+        if UPCAST_DOT:  # exact: a product of two bf16 values fits in fp32's mantissa
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -51,16 +54,30 @@ def _logits_tile(
 
 
 @triton.jit
+def _tanh_and_slope(x):
+    """tanh(x) and 1 − tanh²(x) in fp32 without cancellation: with e = exp(−2|x|), tanh|x| = (1 − e)/(1 + e) and
+    1 − tanh²x = 4e/(1 + e)²; below |x| = 0.1, where 1 − e loses digits, tanh|x| is its odd series to x⁷."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    x2 = x * x
+    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
+    t = tl.where(ax < 0.1, series, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
 def _linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr,
     m_ptr, s_ptr, a_ptr, zt_ptr,
-    T, V, D, inv_t, ignore_index,
+    T, V, D, inv_t, softcap, ignore_index,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_b, stride_tgt, stride_pt,
-    HAS_BIAS: tl.constexpr, SPLIT_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_T rows × one vocabulary split of SPLIT_V columns. Writes per-split partials
-    m = max z, s = Σ exp(z - m), a = Σ exp(z - m)(z - m), zt = z[target] (0 when the target is elsewhere)."""
+    m = max z, s = Σ exp(z - m), a = Σ exp(z - m)(z - m), zt = z[target] (0 when the target is elsewhere), where
+    z = softcap·tanh(logits / softcap) / temperature (without the tanh when HAS_SOFTCAP is False)."""
     pid_t = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -75,7 +92,10 @@ def _linear_logprobs_fwd_kernel(
         col_ok = cols < V
         acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
                            stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
-                           HAS_BIAS, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
+                           HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
+        if HAS_SOFTCAP:
+            tanh, _ = _tanh_and_slope(acc / softcap)
+            acc = softcap * tanh
         # Tail columns must not count: exp(0) of a padded column would inflate the partition function.
         z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # [BLOCK_T, BLOCK_V]
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
@@ -95,13 +115,15 @@ def _linear_logprobs_fwd_kernel(
 @triton.jit
 def _linear_logprobs_bwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, dz_ptr,
-    T, V, D, v0, VC, inv_t,
+    T, V, D, v0, VC, inv_t, softcap,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_b, stride_tgt, stride_dt, stride_dv,
-    HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """d_logits for columns [v0, v0 + VC): gl·(onehot − p) − ge·p·(z − E_p z), in fp32, stored in the input
-    dtype. gl and ge already carry 1/temperature and are zero on ignored rows."""
+    dtype. gl and ge already carry 1/temperature and are zero on ignored rows. With a soft-cap, z is the capped
+    logit and the result is multiplied by d capped / d logits = 1 − tanh²(logits / softcap)."""
     pid_t = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -111,7 +133,10 @@ def _linear_logprobs_bwd_kernel(
     col_ok = (lcols < VC) & (cols < V)
     acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D,
                        stride_ht, stride_hd, stride_wv, stride_wd, stride_b,
-                       HAS_BIAS, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
+                       HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_T, BLOCK_V, BLOCK_D)  # fmt: skip
+    if HAS_SOFTCAP:
+        tanh, slope = _tanh_and_slope(acc / softcap)
+        acc = softcap * tanh
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
     logp = acc * inv_t - lse[:, None]  # [BLOCK_T, BLOCK_V]
@@ -123,6 +148,8 @@ def _linear_logprobs_bwd_kernel(
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         ge = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
         dz -= ge[:, None] * p * (logp + ent[:, None])  # z − E_p z = log p + H
+    if HAS_SOFTCAP:
+        dz *= slope
     dz = tl.where(col_ok[None, :], dz, 0.0)
     tl.store(
         dz_ptr + rows[:, None] * stride_dt + lcols[None, :] * stride_dv,
@@ -138,7 +165,13 @@ def _dot_precision(hidden: torch.Tensor) -> str:
     return "tf32"
 
 
-def _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index):
+def _upcast_dot(hidden: torch.Tensor) -> bool:
+    """The interpreter (Triton on CPU tensors) multiplies the raw bit patterns of bf16 tl.dot operands (triton 3.9.0;
+    triton-lang/triton#11584): there the tiles are upcast to fp32 first. Compiled kernels keep bf16 dots."""
+    return hidden.dtype == torch.bfloat16 and not hidden.is_cuda
+
+
+def _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index, softcap=None):
     """Returns (logp, lse, entropy) in fp32, each [T]. Split-V partials merged here, without locks."""
     T, D = hidden.shape
     V = weight.shape[0]
@@ -152,10 +185,11 @@ def _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index):
     b = bias if bias is not None else hidden  # never read when HAS_BIAS is False
     _linear_logprobs_fwd_kernel[grid](
         hidden, weight, b, targets, part[0], part[1], part[2], part[3],
-        T, V, D, inv_t, ignore_index,
+        T, V, D, inv_t, softcap or 1.0, ignore_index,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, targets.stride(0), part.stride(1),
-        HAS_BIAS=bias is not None, SPLIT_V=split_v, DOT_PRECISION=_dot_precision(hidden),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, SPLIT_V=split_v,
+        DOT_PRECISION=_dot_precision(hidden), UPCAST_DOT=_upcast_dot(hidden),
         BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     m, s, a, zt = part.unbind(0)  # [T, splits] each
@@ -170,7 +204,7 @@ def _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index):
     return logp, lse, entropy
 
 
-def _triton_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, need):
+def _triton_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, need, softcap=None):
     """Per vocabulary chunk: a kernel writes d_logits [T, Vc], then GEMMs give d_hidden and that chunk's d_weight."""
     T, D = hidden.shape
     V = weight.shape[0]
@@ -190,10 +224,11 @@ def _triton_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t,
         grid = (triton.cdiv(T, block_t), triton.cdiv(v1 - v0, block_v))
         _linear_logprobs_bwd_kernel[grid](
             hidden, weight, b, targets, lse, entropy, gl, ge if ge is not None else gl, d_chunk,
-            T, V, D, v0, v1 - v0, inv_t,
+            T, V, D, v0, v1 - v0, inv_t, softcap or 1.0,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             bias.stride(0) if bias is not None else 0, targets.stride(0), d_chunk.stride(0), d_chunk.stride(1),
-            HAS_BIAS=bias is not None, HAS_GE=ge is not None, DOT_PRECISION=_dot_precision(hidden),
+            HAS_BIAS=bias is not None, HAS_GE=ge is not None, HAS_SOFTCAP=softcap is not None,
+            DOT_PRECISION=_dot_precision(hidden), UPCAST_DOT=_upcast_dot(hidden),
             BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if d_hidden is not None:
@@ -205,8 +240,11 @@ def _triton_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t,
     return d_hidden, d_weight, d_bias
 
 
-def _torch_logits(hidden, weight, bias, inv_t):
-    """fp32 logit tile z = (h @ w.T + b) / temperature, the GEMM in the input dtype."""
+def _torch_logits(hidden, weight, bias, inv_t, softcap=None):
+    """fp32 logit tile z = (h @ w.T + b) / temperature, the GEMM in the input dtype; with a soft-cap
+    z = softcap·tanh((h @ w.T + b) / softcap) / temperature."""
+    if softcap is not None:
+        return _torch_logits(hidden, weight, bias, 1.0).div_(softcap).tanh_().mul_(softcap * inv_t)
     if hidden.dtype == torch.float32:
         if bias is not None:
             return torch.addmm(bias, hidden, weight.t(), beta=inv_t, alpha=inv_t)
@@ -217,7 +255,7 @@ def _torch_logits(hidden, weight, bias, inv_t):
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
-def _torch_forward(hidden, weight, bias, targets, inv_t, want_entropy, chunk):
+def _torch_forward(hidden, weight, bias, targets, inv_t, want_entropy, chunk, softcap=None):
     """Row chunks of `chunk` rows: each [chunk, V] logit tile is reduced in place to per-row statistics."""
     T = hidden.shape[0]
     logp = torch.empty((T,), device=hidden.device, dtype=torch.float32)
@@ -225,7 +263,7 @@ def _torch_forward(hidden, weight, bias, targets, inv_t, want_entropy, chunk):
     entropy = torch.empty_like(logp) if want_entropy else None
     for r0 in range(0, T, chunk):
         r1 = min(T, r0 + chunk)
-        z = _torch_logits(hidden[r0:r1], weight, bias, inv_t)  # [C, V]
+        z = _torch_logits(hidden[r0:r1], weight, bias, inv_t, softcap)  # [C, V]
         z_max, arg_max = z.max(dim=1, keepdim=True)  # [C, 1]
         # One fused, cache-friendly pass per row (several in-place passes over the tile are ~4x slower on CPU).
         torch.log_softmax(z, dim=1, out=z)  # z now holds log p
@@ -287,16 +325,17 @@ def _torch_backward_logp_fp32(hidden, weight, bias, targets, lse, gl, inv_t, nee
     return d_hidden, d_weight, d_bias
 
 
-def _torch_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, need, chunk):
+def _torch_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, need, chunk, softcap=None):
     """Tiles of [Rb rows × Vc columns] (Rb·Vc ≈ chunk·V): every tile's d_logits goes straight into GEMMs, and a
-    d_weight row block is written once per row block (usually once) rather than once per row chunk."""
+    d_weight row block is written once per row block (usually once) rather than once per row chunk. A soft-cap
+    multiplies each tile's d_logits by 1 − tanh²(logits / softcap) before the GEMMs."""
     T, D = hidden.shape
     V = weight.shape[0]
     budget = max(chunk * V, 1)
     rb = max(1, min(T, max(chunk, budget // min(V, 512))))
     vc = min(V, max(1, budget // rb))
     low = hidden.dtype != torch.float32
-    if not low and ge is None:
+    if not low and ge is None and softcap is None:
         return _torch_backward_logp_fp32(hidden, weight, bias, targets, lse, gl, inv_t, need, rb, vc)
     n_row_blocks = -(-T // rb)
     d_hidden = torch.zeros((T, D), device=hidden.device, dtype=torch.float32) if need[0] else None
@@ -313,7 +352,14 @@ def _torch_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, 
         for v0 in range(0, V, vc):
             v1 = min(V, v0 + vc)
             w = weight[v0:v1]  # [Vc, D]
-            y = _torch_logits(h, w, bias[v0:v1] if bias is not None else None, inv_t)  # [Rb, Vc]
+            b = bias[v0:v1] if bias is not None else None
+            slope = None
+            if softcap is None:
+                y = _torch_logits(h, w, b, inv_t)  # [Rb, Vc]
+            else:
+                tanh = _torch_logits(h, w, b, 1.0).div_(softcap).tanh_()  # [Rb, Vc]
+                y = tanh * (softcap * inv_t)
+                slope = tanh.mul_(tanh).neg_().add_(1.0)  # d capped / d logits
             y.sub_(lse_r)  # log p
             if ge is None:
                 d = y.exp_().mul_(-gl_r)
@@ -324,6 +370,8 @@ def _torch_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, 
             hit = ((tgt_r >= v0) & (tgt_r < v1)).nonzero().squeeze(1)
             if hit.numel():  # the one-hot term, added in fp32 before any rounding (p_target − 1)
                 d.index_put_((hit, tgt_r[hit] - v0), gl[r0:r1][hit], accumulate=True)
+            if slope is not None:
+                d.mul_(slope)
             if d_bias is not None:
                 d_bias[v0:v1] += d.sum(0)
             if low:
@@ -340,48 +388,80 @@ def _torch_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, 
                     d_weight[v0:v1].addmm_(d.t(), h)
                 else:
                     d_weight[v0:v1] += d.t() @ h
-            del d, y
+            del d, y, slope
     if d_weight is not None:
         d_weight = d_weight.to(weight.dtype)
     return d_hidden, d_weight, d_bias
 
 
 class _LinearLogprobs(torch.autograd.Function):
+    # Both directions run with autocast off: the inputs already carry the dtype the op computes in (see
+    # _autocast_inputs), and autocast would otherwise re-cast the fp32 statistics and refuse the out= ops.
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy, chunk, triton_path):
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy, chunk, triton_path,
+                softcap):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _LinearLogprobs._forward(
+                ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy, chunk, triton_path, softcap
+            )
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy, chunk, triton_path,
+                 softcap):
         inv_t = 1.0 / temperature
         valid = targets != ignore_index  # [T]
         targets = torch.where(valid, targets, 0)  # ignored rows read column 0; their results are zeroed below
         if triton_path:
-            logp, lse, entropy = _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index)
+            logp, lse, entropy = _triton_forward(hidden, weight, bias, targets, inv_t, ignore_index, softcap)
         else:
-            logp, lse, entropy = _torch_forward(hidden, weight, bias, targets, inv_t, want_entropy, chunk)
+            logp, lse, entropy = _torch_forward(hidden, weight, bias, targets, inv_t, want_entropy, chunk, softcap)
         logp = logp.masked_fill_(~valid, 0.0)
         if want_entropy:
             entropy = entropy.masked_fill(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.cfg = (inv_t, valid, chunk, triton_path)
+        ctx.cfg = (inv_t, valid, chunk, triton_path, softcap)
         ctx.set_materialize_grads(False)
         return logp, (entropy if want_entropy else None)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _LinearLogprobs._backward(ctx, g_logp, g_entropy)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        inv_t, valid, chunk, triton_path = ctx.cfg
+        inv_t, valid, chunk, triton_path, softcap = ctx.cfg
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if (g_logp is None and g_entropy is None) or not any(need):
-            return (None,) * 9
+            return (None,) * 10
         # [T] each, contiguous fp32: ignored rows give no gradient (even a NaN one); 1/temperature applied once.
         gl = torch.where(valid, g_logp.float() * inv_t, 0.0) if g_logp is not None else torch.zeros_like(lse)
         ge = torch.where(valid, g_entropy.float() * inv_t, 0.0) if g_entropy is not None else None
         if triton_path:
             ent = entropy if entropy is not None else lse
-            d_h, d_w, d_b = _triton_backward(hidden, weight, bias, targets, lse, ent, gl, ge, inv_t, need)
+            d_h, d_w, d_b = _triton_backward(hidden, weight, bias, targets, lse, ent, gl, ge, inv_t, need, softcap)
         else:
-            d_h, d_w, d_b = _torch_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, need, chunk)
+            d_h, d_w, d_b = _torch_backward(hidden, weight, bias, targets, lse, entropy, gl, ge, inv_t, need, chunk,
+                                            softcap)  # fmt: skip
         d_h = d_h.to(hidden.dtype) if d_h is not None else None
         d_b = d_b.to(bias.dtype) if d_b is not None else None
-        return d_h, d_w, d_b, None, None, None, None, None, None
+        return d_h, d_w, d_b, None, None, None, None, None, None, None
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Inside ``torch.autocast`` the head computes as ``nn.Linear`` would there: hidden, weight and bias cast to the
+    autocast dtype (bf16 GEMMs, fp32 accumulation in the op). The casts are differentiable, so fp32 master weights
+    receive fp32 gradients. fp64 tensors are left alone, as autocast leaves them."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(t):
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if ok else t
+
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def _validate(hidden, weight, targets, temperature, bias, chunk_size, dtypes):
@@ -396,7 +476,7 @@ def _validate(hidden, weight, targets, temperature, bias, chunk_size, dtypes):
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(
             f"weight must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
-            f"got ({weight.dtype}, {weight.device})"
+            f"got ({weight.dtype}, {weight.device}); mixed dtypes are cast only under torch.autocast, as in nn.Linear"
         )
     if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or tuple(targets.shape) != (T,):
         got = f"{targets.dtype} {_shape(targets)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
@@ -415,6 +495,15 @@ def _validate(hidden, weight, targets, temperature, bias, chunk_size, dtypes):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+def _validate_softcap(softcap) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf"):
+        raise ValueError(f"softcap must be None or a finite float > 0 (Gemma-2's final_logit_softcapping), "
+                         f"got {softcap!r}")  # fmt: skip
+    return float(softcap)
+
+
 def _shape(t) -> str:
     return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -428,21 +517,26 @@ def linear_logprobs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token under the LM head, without materializing the [T, V] logits.
 
-    With z = (hidden @ weight.T + bias) / temperature  # [T, V] (never held whole):
+    With y = hidden @ weight.T + bias, soft-capped when ``softcap`` = c is set (Gemma-2/3, in transformers' order,
+    then TRL's division by the temperature):
+        z = y / temperature                           # [T, V] (never held whole)
+        z = c·tanh(y / c) / temperature               # with softcap
         logp[t]    = z[t, targets[t]] - logsumexp_v z[t, v]
         entropy[t] = -Σ_v p[t, v] log p[t, v],  p = softmax(z[t])   (the same tempered distribution)
     Rows whose target equals ``ignore_index`` get logp = entropy = 0 and pass no gradient.
     Gradients flow to hidden, weight and bias from either output:
-        d logits = (g_logp·(onehot − p) − g_ent·p·(z − E_p z)) / temperature
+        d y = (g_logp·(onehot − p) − g_ent·p·(z − E_p z)) / temperature  · (1 − tanh²(y / c) with softcap)
     A tied embedding is the same Parameter and simply accumulates both gradients. Targets outside [0, V) other
     than ``ignore_index`` are not checked (that would cost a host sync on CUDA).
 
     Args:
         hidden: [T, D] float32 / bfloat16 / float16, any strides.
-        weight: [V, D], same dtype and device as hidden.
+        weight: [V, D], same dtype and device as hidden. Under ``torch.autocast`` hidden, weight and bias are
+            first cast to the autocast dtype, as ``nn.Linear`` does (so bf16 activations meet fp32 master weights).
         targets: [T] int64 token ids.
         temperature: > 0; logits are divided by it (as TRL does).
         bias: optional [V].
@@ -450,15 +544,19 @@ def linear_logprobs(
         ignore_index: target value that marks a row to skip.
         chunk_size: rows of logits held at a time by the PyTorch path (the backward holds tiles of the same size);
             default keeps a tile at ~16 MiB of fp32.
+        softcap: None, or c > 0: the final-logit soft-cap c·tanh(y / c) applied before the temperature.
     Returns:
         logp [T] float32, or (logp, entropy) both [T] float32.
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate(hidden, weight, targets, temperature, bias, chunk_size, (torch.float32, torch.bfloat16, torch.float16))
+    softcap = _validate_softcap(softcap)
     V = weight.shape[0]
     chunk = chunk_size if chunk_size is not None else max(1, _TORCH_TILE_ELEMS // V)
     triton_path = use_triton(hidden) and hidden.shape[0] > 0
     logp, entropy = _LinearLogprobs.apply(
-        hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(return_entropy), chunk, triton_path
+        hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(return_entropy), chunk, triton_path,
+        softcap,
     )
     return (logp, entropy) if return_entropy else logp
 
@@ -472,15 +570,21 @@ def linear_logprobs_ref(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: materializes the [T, V] logits and computes in the inputs' dtype — pass float64 tensors for
     the oracle, or the kernel's own dtype for the plain baseline. Returns float64 for float64 inputs, else float32.
+    Under ``torch.autocast`` the inputs are cast as in ``linear_logprobs``.
     ``chunk_size`` is accepted for signature parity and ignored."""
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate(hidden, weight, targets, temperature, bias, chunk_size,
               (torch.float32, torch.bfloat16, torch.float16, torch.float64))  # fmt: skip
+    softcap = _validate_softcap(softcap)
     logits = hidden @ weight.t()  # [T, V]
     if bias is not None:
         logits = logits + bias
+    if softcap is not None:  # transformers' Gemma2ForCausalLM order: divide, tanh, multiply
+        logits = torch.tanh(logits / softcap) * softcap
     logits = logits / temperature
     logprobs = torch.log_softmax(logits, dim=-1)  # [T, V]
     valid = targets != ignore_index

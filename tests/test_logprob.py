@@ -217,3 +217,91 @@ def test_validation_messages():
         linear_logprobs(h, w, t, bias=torch.zeros(9))
     with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
         linear_logprobs(h, w, t, chunk_size=0)
+
+
+def _run_autocast(fn, case, hidden_dtype, autocast, temperature=0.7):
+    """Forward under CPU bf16 autocast (when ``autocast``) with fp32 master weights, backward outside it."""
+    h, w, b, t, g_logp, g_ent = case
+    param_dtype = torch.float32 if autocast else torch.float64
+    hh = h.detach().to(hidden_dtype if autocast else torch.float64).requires_grad_()
+    ww = w.detach().to(param_dtype).requires_grad_()
+    bb = b.detach().to(param_dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logp, ent = fn(hh, ww, t, temperature=temperature, bias=bb, return_entropy=True)
+    ((logp.double() * g_logp).sum() + (ent.double() * g_ent).sum()).backward()
+    return {"logp": logp, "entropy": ent, "d_hidden": hh.grad, "d_weight": ww.grad, "d_bias": bb.grad}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("hidden_dtype", [torch.bfloat16, torch.float32], ids=["bf16-hidden", "fp32-hidden"])
+def test_autocast_mixed_dtypes(backend, hidden_dtype, assert_close_2x, poison, force_backend):
+    """What autocast hands the head: bf16 (or fp32) activations and fp32 master weights. The op casts them as
+    nn.Linear does under autocast and accumulates in fp32; outputs are fp32 and each gradient has its leaf's dtype.
+    The plain baseline is the reference under the same autocast (a bf16 [T, V] logits GEMM)."""
+    force_backend(backend)
+    T, V = (37, 4231) if backend == "torch" else (19, 300)
+    case = _inputs(T, 48, V, True, ignore=(0, T - 2))
+    ref64 = _run_autocast(linear_logprobs_ref, case, hidden_dtype, autocast=False)
+    plain = _run_autocast(linear_logprobs_ref, case, hidden_dtype, autocast=True)
+    ours = _run_autocast(linear_logprobs, case, hidden_dtype, autocast=True)
+    expected = {"logp": torch.float32, "entropy": torch.float32, "d_hidden": hidden_dtype,
+                "d_weight": torch.float32, "d_bias": torch.float32}
+    for name, dtype in expected.items():
+        assert ours[name].dtype == dtype, name
+        assert_close_2x(ours[name], ref64[name], plain[name], atol=ATOL[torch.bfloat16], name=name)
+    # fp32 inputs outside autocast stay fp32: autocast, not the op, decides the GEMM precision
+    fp32 = _run(linear_logprobs, torch.float32, *case, temperature=0.7)
+    assert (fp32["logp"] - ref64["logp"]).abs().max() < 1e-4 < (ours["logp"] - ref64["logp"]).abs().max()
+
+
+SOFTCAP_CASES = [  # (backend, dtype, V, bias, temperature, grads); logits of order ±3 against a cap of 2: it bites
+    ("torch", torch.float32, 4231, True, 0.7, "both"),
+    ("torch", torch.bfloat16, 4231, False, 1.3, "logp"),
+    ("torch", torch.float32, 300, False, 1.3, "entropy"),
+    ("triton", torch.float32, 4231, True, 0.7, "both"),
+    ("triton", torch.bfloat16, 300, True, 1.3, "logp"),
+    ("triton", torch.float32, 300, False, 1.3, "entropy"),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "V", "bias", "temperature", "grads"),
+    [pytest.param(*c, marks=pytest.mark.triton) if c[0] == "triton" else c for c in SOFTCAP_CASES],
+    ids=[f"{c[0]}-{str(c[1])[6:]}-V{c[2]}-{'bias' if c[3] else 'nobias'}-T{c[4]}-{c[5]}" for c in SOFTCAP_CASES],
+)
+def test_softcap_matches_fp64(backend, dtype, V, bias, temperature, grads, assert_close_2x, poison, force_backend):
+    """Gemma-2's final-logit soft-cap c·tanh(y / c), then / temperature: forward and every gradient against fp64,
+    masked targets included; the PyTorch path with row chunks and backward tiles that divide neither T nor V."""
+    force_backend(backend)
+    T = 37
+    case = _inputs(T, 48, V, bias, ignore=(0, T - 2), scale=3.0)
+    kw = {"chunk_size": 7} if backend == "torch" else {}
+    _compare(assert_close_2x, dtype, case, grads, temperature=temperature, softcap=2.0, **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_softcap_known_answers(backend, force_backend):
+    """softcap=None is today's op bit for bit; a huge cap is the identity up to y³/(3c²); a cap that bites changes
+    the result (so the tanh is not skipped); every logit near ±c·/T saturates toward a uniform top."""
+    force_backend(backend)
+    h, w, b, t, *_ = _inputs(19, 48, 300, True, ignore=(3,), scale=3.0)
+    h, w, b = h.float(), w.float(), b.float()
+    plain = linear_logprobs(h, w, t, temperature=0.7, bias=b, return_entropy=True)
+    none = linear_logprobs(h, w, t, temperature=0.7, bias=b, return_entropy=True, softcap=None)
+    huge = linear_logprobs(h, w, t, temperature=0.7, bias=b, return_entropy=True, softcap=1e6)
+    capped = linear_logprobs(h, w, t, temperature=0.7, bias=b, return_entropy=True, softcap=2.0)
+    for a, n, g, c in zip(plain, none, huge, capped):
+        assert torch.equal(a, n)
+        torch.testing.assert_close(g, a, atol=2e-5, rtol=0)
+        assert (c - a).abs().max() > 0.1
+    # a tiny cap squeezes every logit into [-c, c]: log-probs within 2c/T of uniform
+    tiny = linear_logprobs(h, w, t, temperature=0.7, bias=b, softcap=1e-3)
+    valid = t != -100
+    assert ((tiny[valid] + math.log(300)).abs() <= 2e-3 / 0.7 + 1e-6).all()
+
+
+def test_softcap_validation():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.int64)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "30", True):
+        with pytest.raises(ValueError, match=r"softcap must be None or a finite float > 0"):
+            linear_logprobs(h, w, t, softcap=bad)

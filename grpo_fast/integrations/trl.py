@@ -67,7 +67,7 @@ class FastGRPOTrainer(_TRLGRPOTrainer):
             n, L, d = hidden.shape
             logp, entropy = linear_logprobs(
                 hidden.reshape(n * L, d), head.weight, targets.reshape(-1), temperature=self.temperature / head.scale,
-                bias=head.bias, return_entropy=True, chunk_size=self.logprob_chunk_size,
+                bias=head.bias, return_entropy=True, chunk_size=self.logprob_chunk_size, softcap=head.softcap,
             )
             logps.append(logp.view(n, L))
             entropies.append(entropy.view(n, L))
