@@ -9,7 +9,8 @@ Deliberate simplifications, each documented in the README:
 - a generation batch is split into contiguous minibatches (TRL shuffles it first); with per_device_train_batch_size
   a multiple of num_generations every minibatch holds whole groups;
 - off-policy old log-probs are the sampler's own (``recompute_old_logprobs=True`` runs TRL's extra forward);
-- one process; ``torchrun`` data parallelism is the scale-out issue's business.
+- data parallelism is ``torchrun`` over prompts with one flattened gradient all-reduce per step, or FSDP2
+  (``grpo_fast/distributed.py``), not accelerate.
 """
 
 from __future__ import annotations
