@@ -69,6 +69,28 @@ def condition_scale(*pairs: tuple[torch.Tensor, torch.Tensor]) -> float:
     return sum((g.double() * x.double()).abs().sum().item() for g, x in pairs if g is not None)
 
 
+def ulp_response_scales(model: torch.nn.Module, grads_fn, ref_grads: dict, dtype: torch.dtype = torch.float32,
+                        seed: int = 1) -> dict[str, float]:
+    """Floor scales for a float64 model's parameter gradients ``ref_grads`` (name → tensor): how far one ulp of
+    ``dtype`` on every weight (random signs) moves them, over eps. A backward-stable computation in ``dtype`` gives
+    the exact result of weights perturbed by O(eps), so this is the scale of its error — for gradients deep in a
+    network, sums that cancel, far above the gradient's own magnitude. ``grads_fn()`` recomputes the gradients
+    (name → tensor); the weights are restored afterwards."""
+    eps, gen = torch.finfo(dtype).eps, torch.Generator().manual_seed(seed)
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + eps * (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, p.dtype))
+            p.grad = None
+    moved = grads_fn()
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), saved):
+            p.copy_(v)
+            p.grad = None
+    return {k: (moved[k].double() - g.double()).abs().max().item() / eps for k, g in ref_grads.items()
+            if g is not None}
+
+
 def check_2x(ours: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, *, name: str = "",
              scale: float | None = None, dtype: torch.dtype | None = None, atol: float = 0.0) -> None:
     """Asserts the bound above (max norms; NaN must sit where ref64 has NaN). ``dtype`` is the precision the
@@ -106,5 +128,6 @@ def assert_close_2x():
 
 @pytest.fixture
 def numerics():
-    """The bound's helpers: ``numerics.check_2x``, ``numerics.condition_scale``, ``numerics.ULPS``."""
-    return types.SimpleNamespace(check_2x=check_2x, condition_scale=condition_scale, ULPS=ULPS)
+    """The bound's helpers: ``check_2x``, ``condition_scale``, ``ulp_response_scales``, ``ULPS``."""
+    return types.SimpleNamespace(check_2x=check_2x, condition_scale=condition_scale,
+                                 ulp_response_scales=ulp_response_scales, ULPS=ULPS)

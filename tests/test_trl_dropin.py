@@ -111,15 +111,8 @@ def test_same_loss_and_gradients_as_trl(tmp_path, loss_type, beta, off_policy, m
     ref_loss, ref_grads = _loss_and_grads(trl64, _inputs(beta, off_policy, dtype=torch.float64))
     ref_grads = {k: v.clone() for k, v in ref_grads.items()}
     params = {k: p.detach().clone() for k, p in trl64.model.named_parameters()}
-    # A backward-stable fp32 computation gives the exact result for weights perturbed by O(eps): the exact
-    # gradients' change under a one-ulp perturbation of every weight is the scale of its error.
-    eps32, gen = torch.finfo(torch.float32).eps, torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in trl64.model.parameters():
-            p.mul_(1 + eps32 * (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1))
-            p.grad = None
-    _, moved = _loss_and_grads(trl64, _inputs(beta, off_policy, dtype=torch.float64))
-    scales = {k: (moved[k] - v).abs().max().item() / eps32 for k, v in ref_grads.items() if v is not None}
+    scales = numerics.ulp_response_scales(
+        trl64.model, lambda: _loss_and_grads(trl64, _inputs(beta, off_policy, dtype=torch.float64))[1], ref_grads)
     plain_loss, plain_grads = _loss_and_grads(trl32, inputs)
 
     calls = {"logprobs": 0, "loss": 0}
