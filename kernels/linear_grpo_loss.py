@@ -13,13 +13,11 @@ Layout: chunk loop → autograd.Function → public function → ``linear_grpo_l
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from ._backend import use_triton
+from .grpo_loss import LossOptions, grpo_loss, grpo_loss_ref, high_entropy_mask, resolve_options
 from .grpo_loss import _validate as _validate_loss
-from .grpo_loss import grpo_loss, grpo_loss_ref, high_entropy_mask
 from .logprob import _torch_logits, linear_logprobs, linear_logprobs_ref
 from .logprob import _validate as _validate_head
 
@@ -28,22 +26,19 @@ from .logprob import _validate as _validate_head
 # T = 1024/4096, D = 576, V = 49152 on a busy 2-core CPU: 85-row tiles ran 15-25% slower than 128-row ones,
 # 256-row ones 5-20% faster at T = 4096 (their 2 x 48 MiB are still under 5% of the naive path's memory there).
 _TILE_ELEMS = 6 * 1024 * 1024
-_LOSS_OPTIONS = {
-    k: p.default for k, p in inspect.signature(grpo_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
-}
 
 
-def _chunk_token_grads(logp, r0, r1, old, ref, adv, mask, opts):
+def _chunk_token_grads(logp, r0, r1, old, ref, adv, mask, opts, batch):
     """d loss / d logp at flat positions [r0, r1) → [C] fp32. Exact for a per-token-separable loss: every other
     entry of ``logp`` [N, L] is a placeholder (a later chunk's zero), which those positions' derivatives ignore."""
     x = logp.clone().requires_grad_()
     with torch.enable_grad():
-        loss, _ = grpo_loss(x, old, ref, adv, mask, **opts)
+        loss, _ = grpo_loss(x, old, ref, adv, mask, opts, **batch)
         (gx,) = torch.autograd.grad(loss, x)
     return gx.view(-1)[r0:r1].float()
 
 
-def _fused_pass(hidden, weight, bias, targets, valid, inv_t, chunk, need, loss_args, opts):
+def _fused_pass(hidden, weight, bias, targets, valid, inv_t, chunk, need, loss_args, opts, batch):
     """One pass over row chunks: logits (GEMM 1), log-softmax, logp and entropy, the per-token loss gradient g, q =
     softmax − onehot in place (p_target − 1 in fp32), then d_logits = −g·q/temperature with the per-row factor moved
     onto the [C, D] operands: d_hidden = −g ⊙ (q @ W) (GEMM 2), d_weight += qᵀ @ (−g ⊙ h) (GEMM 3),
@@ -81,7 +76,7 @@ def _fused_pass(hidden, weight, bias, targets, valid, inv_t, chunk, need, loss_a
         q = pbuf[:c]  # [C, V]
         torch.exp(z, out=q)
         entropy[r0:r1] = torch.where(ok, z.mul_(q).sum(1).neg_(), 0.0)
-        g = _chunk_token_grads(logp.view(N, L), r0, r1, old, ref, adv, mask, opts)  # [C]
+        g = _chunk_token_grads(logp.view(N, L), r0, r1, old, ref, adv, mask, opts, batch)  # [C]
         neg_g = torch.where(ok, g * -inv_t, 0.0)  # [C]; ignored rows pass no gradient, even a NaN one
         q[torch.arange(c, device=dev), tgt] -= 1.0  # p_target − 1, in fp32 before any scaling
         if d_bias is not None:
@@ -130,6 +125,7 @@ def linear_grpo_loss(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    options: LossOptions | None = None,
     *,
     completion_shape: tuple[int, int],
     temperature: float = 1.0,
@@ -138,7 +134,11 @@ def linear_grpo_loss(
     ignore_index: int = -100,
     return_logp: bool = False,
     chunk_size: int | None = None,
-    **loss_kwargs,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    gradient_accumulation_steps: int = 1,
+    steps_per_generation: int | None = None,
+    num_processes: int = 1,
+    **option_keywords,
 ):
     """Fused LM head + GRPO loss (TRL 1.16 ``_compute_loss`` semantics), never materializing the [T, V] logits.
 
@@ -177,22 +177,21 @@ def linear_grpo_loss(
         raise ValueError(f"hidden must be [N*L, D] = [{N * L}, D] for completion_shape={completion_shape}, "
                          f"got {tuple(hidden.shape)}")  # fmt: skip
     for name in ("entropy", "entropy_mask"):
-        if name in loss_kwargs:
+        if name in option_keywords:
             raise ValueError(f"linear_grpo_loss computes {name} itself; do not pass it")
-    unknown = set(loss_kwargs) - set(_LOSS_OPTIONS)
-    if unknown:
-        raise TypeError(f"linear_grpo_loss got unexpected keyword arguments {sorted(unknown)}")
     if not 0.0 <= top_entropy_quantile <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
-    opts = _LOSS_OPTIONS | loss_kwargs
+    opts = resolve_options(options, option_keywords, "linear_grpo_loss")
+    batch = dict(num_items_in_batch=num_items_in_batch, gradient_accumulation_steps=gradient_accumulation_steps,
+                 steps_per_generation=steps_per_generation, num_processes=num_processes)
     placeholder = torch.empty((N, L), device=hidden.device, dtype=torch.float32)
-    _validate_loss(placeholder, old_logp, ref_logp, advantages, mask, None, None, opts)
+    _validate_loss(placeholder, old_logp, ref_logp, advantages, mask, None, None, opts, batch)
     V = weight.shape[0]
     base = max(1, _TILE_ELEMS // V)
     chunk = chunk_size if chunk_size is not None else min(2 * base, max(base, hidden.shape[0] // 16))
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     fused = (
-        opts["importance_sampling_level"] == "token" and opts["loss_type"] != "vespo" and top_entropy_quantile >= 1.0
+        opts.importance_sampling_level == "token" and opts.loss_type != "vespo" and top_entropy_quantile >= 1.0
         and torch.is_grad_enabled() and any(need) and not use_triton(hidden)
     )  # fmt: skip
     if fused:
@@ -204,9 +203,9 @@ def linear_grpo_loss(
         with torch.no_grad():
             logp, entropy, d_h, d_w, d_b = _fused_pass(hidden.detach(), weight.detach(),
                                                        bias.detach() if bias is not None else None, tgt, valid,
-                                                       1.0 / temperature, chunk, need, loss_args, loss_kwargs)
+                                                       1.0 / temperature, chunk, need, loss_args, opts, batch)
             logp, entropy = logp.view(N, L), entropy.view(N, L)  # [N, L]
-            loss, metrics = grpo_loss(logp, old, ref, advantages.detach(), mask, entropy=entropy, **loss_kwargs)
+            loss, metrics = grpo_loss(logp, old, ref, advantages.detach(), mask, opts, entropy=entropy, **batch)
         loss = _AttachGrads.apply(loss, hidden, weight, bias, d_h, d_w, d_b)
     else:
         logp, entropy = linear_logprobs(hidden, weight, targets, temperature, bias, return_entropy=True,
@@ -214,16 +213,16 @@ def linear_grpo_loss(
         logp = logp.view(N, L)  # [N, L]
         entropy = entropy.detach().view(N, L)  # [N, L]
         emask = high_entropy_mask(entropy, mask, top_entropy_quantile) if top_entropy_quantile < 1.0 else None
-        loss, metrics = grpo_loss(logp, old_logp, ref_logp, advantages, mask, entropy=entropy, entropy_mask=emask,
-                                  **loss_kwargs)
+        loss, metrics = grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts, entropy=entropy,
+                                  entropy_mask=emask, **batch)
     if return_logp:
         return loss, metrics, logp.detach(), entropy
     return loss, metrics
 
 
 def linear_grpo_loss_ref(
-    hidden, weight, targets, old_logp, ref_logp, advantages, mask, *, completion_shape, temperature=1.0, bias=None,
-    top_entropy_quantile=1.0, ignore_index=-100, return_logp=False, chunk_size=None, **loss_kwargs,
+    hidden, weight, targets, old_logp, ref_logp, advantages, mask, options=None, *, completion_shape, temperature=1.0,
+    bias=None, top_entropy_quantile=1.0, ignore_index=-100, return_logp=False, chunk_size=None, **keywords,
 ):
     """Plain PyTorch: materialized [T, V] logits (``linear_logprobs_ref``) → ``grpo_loss_ref``, in the inputs' dtype
     (float64 inputs give the oracle). Same signature and returns; ``chunk_size`` is ignored."""
@@ -235,7 +234,7 @@ def linear_grpo_loss_ref(
     emask = high_entropy_mask(entropy, mask, top_entropy_quantile) if top_entropy_quantile < 1.0 else None
     dt = logp.dtype
     loss, metrics = grpo_loss_ref(logp, *(None if t is None else t.to(dt) for t in (old_logp, ref_logp)),
-                                  advantages.to(dt), mask, entropy=entropy, entropy_mask=emask, **loss_kwargs)
+                                  advantages.to(dt), mask, options, entropy=entropy, entropy_mask=emask, **keywords)
     if return_logp:
         return loss, metrics, logp.detach(), entropy
     return loss, metrics

@@ -3,13 +3,14 @@ against the fp64 reference over every loss type × IS level × β × δ, degener
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
 
-from grpo_fast.kernels.grpo_loss import LOSS_TYPES, grpo_loss, grpo_loss_ref, high_entropy_mask
+from grpo_fast.kernels.grpo_loss import LOSS_TYPES, LossOptions, grpo_loss, grpo_loss_ref, high_entropy_mask
 
 E = math.e
 # grpo_loss runs on DEV: compiled kernels on a CUDA machine, the interpreter (TRITON_INTERPRET=1) on the CPU.
@@ -278,6 +279,51 @@ def test_validation_messages():
                 fn(lp, args["old"], args["ref"], args["adv"], args["mask"], **kw)
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         high_entropy_mask(lp, mask, 1.5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_options_object_and_keywords(backend, force_backend):
+    """A LossOptions, the same options as keywords, and an options object with keyword overrides give the same
+    result; bad options name the field and the valid values."""
+    lp, old, ref, adv, mask, _ = (t.float() if t.is_floating_point() else t for t in _inputs(4, 6, seed=5))
+    opts = LossOptions(loss_type="grpo", epsilon=0.1, epsilon_high=0.3, beta=0.04, importance_sampling_level="sequence")
+    batch = dict(num_items_in_batch=17, gradient_accumulation_steps=2)
+    by_object = _run(backend, force_backend, lp, old, ref, adv, mask, **batch, options=opts)
+    by_keywords = _run(backend, force_backend, lp, old, ref, adv, mask, **batch, loss_type="grpo", epsilon=0.1,
+                       epsilon_high=0.3, beta=0.04, importance_sampling_level="sequence")
+    overridden = _run(backend, force_backend, lp, old, ref, adv, mask, **batch,
+                      options=LossOptions(loss_type="dapo", beta=0.5), loss_type="grpo", epsilon=0.1,
+                      epsilon_high=0.3, beta=0.04, importance_sampling_level="sequence")
+    for other in (by_keywords, overridden):
+        assert torch.equal(other[0], by_object[0]) and torch.equal(other[1], by_object[1])
+        assert other[2].keys() == by_object[2].keys()
+    assert opts.eps_high == 0.3 and LossOptions(epsilon=0.1).eps_high == 0.1
+    with pytest.raises(ValueError, match=r"loss_type must be one of \('grpo', 'bnpo'"):
+        LossOptions(loss_type="ppo")
+    with pytest.raises(ValueError, match="epsilon_high must be >= 0"):
+        LossOptions(epsilon_high=-0.1)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['epsilonn'\]; loss options are"):
+        grpo_loss(lp, old, ref, adv, mask, epsilonn=0.1)
+    with pytest.raises(TypeError, match="options must be a LossOptions"):
+        grpo_loss(lp, old, ref, adv, mask, {"loss_type": "grpo"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.beta = 0.0
+
+
+def test_options_from_config():
+    """grpo_fast's config and TRL's GRPOConfig carry the options under the same names."""
+    from grpo_fast.config import GRPOConfig
+
+    ours = GRPOConfig(loss_type="sapo", epsilon=0.1, beta=0.02, sapo_temperature_neg=2.0, max_completion_length=64)
+    opts = LossOptions.from_config(ours)
+    assert (opts.loss_type, opts.epsilon, opts.eps_high, opts.beta, opts.sapo_temperature_neg,
+            opts.max_completion_length) == ("sapo", 0.1, 0.1, 0.02, 2.0, 64)
+    trl = pytest.importorskip("trl")
+    theirs = trl.GRPOConfig(output_dir="/tmp/unused", loss_type="cispo", epsilon_high=4.0, vespo_k_neg=1.5,
+                            importance_sampling_level="sequence", use_cpu=True, report_to="none")
+    opts = LossOptions.from_config(theirs)
+    assert (opts.loss_type, opts.eps_high, opts.vespo_k_neg, opts.importance_sampling_level) == (
+        "cispo", 4.0, 1.5, "sequence")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -19,7 +19,7 @@ import torch
 trl = pytest.importorskip("trl")
 from trl import GRPOTrainer  # noqa: E402
 
-from grpo_fast.kernels.grpo_loss import LOSS_TYPES, grpo_loss, high_entropy_mask  # noqa: E402
+from grpo_fast.kernels.grpo_loss import LOSS_TYPES, LossOptions, grpo_loss, high_entropy_mask  # noqa: E402
 
 ULPS = 8  # tests/conftest.py's rounding floor, in ulps of the magnitude
 N, L, P = 6, 9, 3
@@ -89,13 +89,15 @@ def _ours(cfg, lp, old, ref, adv, mask, ent, dev="cpu"):
     lp, old, ref, adv, mask, ent = (t.to(dev) for t in (lp, old, ref, adv, mask, ent))
     x = lp.detach().clone().requires_grad_()
     emask = high_entropy_mask(ent, mask, cfg["rho"]) if cfg["rho"] < 1.0 else None
+    options = LossOptions(
+        loss_type=cfg["loss_type"], epsilon=0.2, epsilon_high=cfg["epsilon_high"], delta=cfg["delta"],
+        beta=cfg["beta"], use_bias_correction_kl=cfg["use_bias_correction_kl"], importance_sampling_level=cfg["level"],
+        max_completion_length=MAX_COMPLETION_LENGTH,
+    )
     loss, metrics = grpo_loss(
-        x, old if cfg["off_policy"] else None, ref, adv, mask, loss_type=cfg["loss_type"], epsilon=0.2,
-        epsilon_high=cfg["epsilon_high"], delta=cfg["delta"], beta=cfg["beta"],
-        use_bias_correction_kl=cfg["use_bias_correction_kl"], importance_sampling_level=cfg["level"],
-        num_items_in_batch=torch.tensor(cfg["nib"], dtype=lp.dtype, device=dev), max_completion_length=MAX_COMPLETION_LENGTH,
-        entropy=ent, entropy_mask=emask, gradient_accumulation_steps=cfg["ga"], steps_per_generation=cfg["spg"],
-        num_processes=cfg["nproc"],
+        x, old if cfg["off_policy"] else None, ref, adv, mask, options,
+        num_items_in_batch=torch.tensor(cfg["nib"], dtype=lp.dtype, device=dev), entropy=ent, entropy_mask=emask,
+        gradient_accumulation_steps=cfg["ga"], steps_per_generation=cfg["spg"], num_processes=cfg["nproc"],
     )
     loss.backward()
     return loss.detach().cpu(), x.grad.cpu(), {k: v.cpu() for k, v in metrics.items()}
