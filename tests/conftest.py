@@ -49,7 +49,10 @@ def poison(monkeypatch):
 # scalar whose rounding errors happened to cancel (one sample, not the typical error) or a value plain PyTorch gets
 # exact. `scale` is the magnitude the rounding acts on: max|ref64| by default (each element carries at least its
 # own rounding); for a reduction that may cancel (a loss), `condition_scale`: Σ|∂f/∂x|·|x| over f's inputs, the
-# first-order error of a backward-stable computation being eps·Σ|∂f/∂x_i|·|x_i|.
+# first-order error of a backward-stable computation being eps·Σ|∂f/∂x_i|·|x_i|; for gradients deep in a model,
+# `ulp_response_scales`; for a K-term GEMM, √K·max(|A|·|B|) (tests/test_logprob.py). A bound built this way still
+# fails a missing 1/temperature, a normalizer off by one token or bf16-rounded log-probs by 100x or more
+# (tests/test_linear_grpo_loss.py::test_bound_catches_injected_bugs).
 ULPS = 8
 NUMERICS_MODULES = ("test_grpo_loss", "test_linear_grpo_loss", "test_logprob", "test_advantages",
                     "test_prefix_attention", "test_trl_parity_loss", "test_trl_dropin", "test_shared_prefix_update")
@@ -94,8 +97,8 @@ def ulp_response_scales(model: torch.nn.Module, grads_fn, ref_grads: dict, dtype
 def check_2x(ours: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, *, name: str = "",
              scale: float | None = None, dtype: torch.dtype | None = None, atol: float = 0.0) -> None:
     """Asserts the bound above (max norms; NaN must sit where ref64 has NaN). ``dtype`` is the precision the
-    computation ran in (default: plain's dtype); ``atol`` is extra absolute slack, for callers that predate
-    ``scale`` (no numerics test here uses it)."""
+    computation ran in (default: plain's dtype); ``atol`` adds absolute slack for a rounding the floor cannot
+    model (no test here needs it)."""
     eps = torch.finfo(dtype or plain.dtype).eps
     ours, ref64, plain = ours.detach().cpu().double(), ref64.detach().cpu().double(), plain.detach().cpu().double()
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"

@@ -20,8 +20,6 @@ trl = pytest.importorskip("trl")
 from trl import GRPOTrainer  # noqa: E402
 
 from grpo_fast.kernels.grpo_loss import LOSS_TYPES, LossOptions, grpo_loss, high_entropy_mask  # noqa: E402
-
-ULPS = 8  # tests/conftest.py's rounding floor, in ulps of the magnitude
 N, L, P = 6, 9, 3
 MAX_COMPLETION_LENGTH = 12
 
@@ -111,12 +109,12 @@ def _config(loss_type, level, beta, delta, rho, i):
     )
 
 
-def _compare_metrics(metrics, t_metrics, what):
+def _compare_metrics(metrics, t_metrics, ulps, what):
     """TRL reduces its metrics with an fp32 token count: they agree to the fp32 rounding floor of their magnitude."""
     for name, value in t_metrics.items():
         assert name in metrics, f"{what}: metric {name} missing (ours: {sorted(metrics)})"
         ours = metrics[name].double().item()
-        tol = ULPS * torch.finfo(torch.float32).eps * max(1.0, abs(value))
+        tol = ulps * torch.finfo(torch.float32).eps * max(1.0, abs(value))
         assert (math.isnan(ours) and math.isnan(value)) or abs(ours - value) <= tol, f"{what} {name}: {ours} vs {value}"
 
 
@@ -124,7 +122,7 @@ GRID = list(itertools.product(LOSS_TYPES, ["token", "sequence"], [0.0, 0.04], [N
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_torch_path_matches_trl_fp64(loss_type, force_backend):
+def test_torch_path_matches_trl_fp64(loss_type, force_backend, numerics):
     force_backend("torch")
     for i, (lt, level, beta, delta, rho) in enumerate(GRID):
         if lt != loss_type:
@@ -135,7 +133,7 @@ def test_torch_path_matches_trl_fp64(loss_type, force_backend):
         # Both in fp64: any difference beyond 1e-10 relative is a formula difference, not rounding, on every CPU.
         torch.testing.assert_close(loss, t_loss, rtol=1e-10, atol=1e-12, msg=f"{cfg} loss")
         torch.testing.assert_close(grad, t_grad, rtol=1e-10, atol=1e-12, msg=f"{cfg} d logp")
-        _compare_metrics(metrics, t_metrics, str(cfg))
+        _compare_metrics(metrics, t_metrics, numerics.ULPS, str(cfg))
 
 
 TRITON_SUBSET = [GRID[i] for i in range(0, len(GRID), 5)]
@@ -155,4 +153,4 @@ def test_triton_path_matches_trl_fp32(case, force_backend, numerics):
     scale = numerics.condition_scale((t_grad, batch64[0]))
     numerics.check_2x(loss, t_loss, p_loss, name=f"{cfg} loss", scale=scale)
     numerics.check_2x(grad, t_grad, p_grad, name=f"{cfg} d logp")
-    _compare_metrics(metrics, t_metrics, str(cfg))
+    _compare_metrics(metrics, t_metrics, numerics.ULPS, str(cfg))
