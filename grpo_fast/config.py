@@ -38,12 +38,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+from grpo_fast.kernels.grpo_loss import IS_LEVELS, LOSS_TYPES
+
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 CHOICES: dict[str, tuple[str, ...]] = {
     "loss_type": LOSS_TYPES,
-    "importance_sampling_level": ("token", "sequence"),
+    "importance_sampling_level": IS_LEVELS,
     "scale_rewards": ("group", "batch", "none"),
     "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
     "estimator": ("grpo", "rloo"),

@@ -34,7 +34,7 @@ from grpo_fast.config import GRPOConfig
 from grpo_fast.data import PromptEncoder, PromptOrder, is_conversational, load_rows
 from grpo_fast.forward import completion_logprobs
 from grpo_fast.kernels.advantages import group_advantages
-from grpo_fast.kernels.grpo_loss import grpo_loss, high_entropy_mask
+from grpo_fast.kernels.grpo_loss import LossOptions, grpo_loss, high_entropy_mask
 from grpo_fast.memory import OOM_HINT, preflight
 from grpo_fast.metrics import MetricsLog
 from grpo_fast.models import load_model, prepare_tokenizer
@@ -142,6 +142,7 @@ class GRPOTrainer:
         self.eval_rows = load_rows(eval_dataset) if eval_dataset is not None else None
         self.encode = PromptEncoder(processing_class, args.max_prompt_length)
         self.sampler = SharedPrefixSampler(model, processing_class)
+        self.loss_options = LossOptions.from_config(args)
         self.ref_model = None
         if args.beta != 0.0 and not self.is_peft:  # a frozen copy; none when beta == 0 or with PEFT
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -446,23 +447,10 @@ class GRPOTrainer:
             None if rollout.ref_logp is None else rollout.ref_logp[rows],
             rollout.advantages[rows],
             mb.completion_mask,
-            loss_type=args.loss_type,
-            epsilon=args.epsilon,
-            epsilon_high=args.epsilon_high,
-            delta=args.delta,
-            beta=args.beta,
-            use_bias_correction_kl=args.use_bias_correction_kl,
-            importance_sampling_level=args.importance_sampling_level,
+            self.loss_options,
             num_items_in_batch=rollout.num_items,
-            max_completion_length=args.max_completion_length,
             entropy=entropy.detach(),
             entropy_mask=entropy_mask,
-            sapo_temperature_pos=args.sapo_temperature_pos,
-            sapo_temperature_neg=args.sapo_temperature_neg,
-            vespo_k_pos=args.vespo_k_pos,
-            vespo_lambda_pos=args.vespo_lambda_pos,
-            vespo_k_neg=args.vespo_k_neg,
-            vespo_lambda_neg=args.vespo_lambda_neg,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             steps_per_generation=args.steps_per_generation,
             num_processes=self.world_size,

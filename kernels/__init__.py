@@ -4,8 +4,10 @@ from .advantages import group_advantages, group_advantages_ref
 from .grpo_loss import grpo_loss, grpo_loss_ref, high_entropy_mask
 from .linear_grpo_loss import linear_grpo_loss
 from .logprob import linear_logprobs, linear_logprobs_ref
+from .loss_options import LossOptions
 
 __all__ = [
+    "LossOptions",
     "group_advantages",
     "group_advantages_ref",
     "grpo_loss",

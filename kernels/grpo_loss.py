@@ -15,20 +15,25 @@ import math
 import torch
 
 from ._backend import use_triton
-from ._triton import tl, triton
+from ._triton import HAS_TRITON, tl, triton
+from .loss_options import IS_LEVELS, LOSS_TYPES, LossOptions, resolve_options
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-IS_LEVELS = ("token", "sequence")
+__all__ = ["IS_LEVELS", "LOSS_TYPES", "LossOptions", "grpo_loss", "grpo_loss_ref", "high_entropy_mask",
+           "resolve_options"]
 _CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+_BWD_HP = ("eps_low", "eps_high", "delta", "beta", "tau_pos", "tau_neg")  # not VESPO's constants: φ is in stats
 _LOSS_CODE = {"cispo": 1, "sapo": 2, "vespo": 3} | dict.fromkeys(_CLIPPED, 0)
 EXP_GUARD = 20.0  # exponent arguments are clamped here (exp(20) ≈ 4.9e8): no overflow, and equal to TRL below it
 _VESPO_LOG_MIN = math.log(1e-8)  # TRL's lower clamp of VESPO's sequence log-weight
-_TENSOR_ARGS = ("logp", "old_logp", "ref_logp", "advantages", "mask")
+# The same constants for the kernels: a @triton.jit function may only read globals that are tl.constexpr.
+_K_EXP_GUARD = tl.constexpr(EXP_GUARD) if HAS_TRITON else EXP_GUARD
+_K_VESPO_LOG_MIN = tl.constexpr(_VESPO_LOG_MIN) if HAS_TRITON else _VESPO_LOG_MIN
 _N_STATS = 11
 # Columns of the per-row stats buffer [N, 11] written by the forward kernel:
 # 0 Σm · 1 Σm·kl (as in the loss: ×ratio when bias-corrected) · 2/3/4 low/high/region clip (token: Σm·flag;
 # sequence: the row's flag) · 5 cispo clip · 6 Σm·entropy · 7 VESPO φ · 8 mean log-ratio μ (sequence level)
 # · 9 Σm·entropy_mask · 10 Σm·kl (raw, for the sequence-level backward)
+
 
 
 @triton.jit
@@ -101,13 +106,13 @@ def _grpo_loss_fwd_kernel(
                 old = tl.load(old_ptr + row * stride_oldn + idx * stride_oldl, mask=inb, other=0.0).to(tl.float32)
                 lr = lp - old
             acc_lr += lr * m
-            acc_lrc += tl.minimum(tl.maximum(lr, -20.0), 20.0) * m
+            acc_lrc += tl.minimum(tl.maximum(lr, -_K_EXP_GUARD), _K_EXP_GUARD) * m
             acc_m += m
         cnt = tl.sum(acc_m, 0)
         mu = tl.sum(acc_lr, 0) / tl.maximum(cnt, 1.0)
-        c_row = tl.exp(tl.minimum(tl.maximum(mu, -20.0), 20.0))
+        c_row = tl.exp(tl.minimum(tl.maximum(mu, -_K_EXP_GUARD), _K_EXP_GUARD))
         if LOSS == 3:
-            lws = tl.minimum(tl.maximum(tl.sum(acc_lrc, 0), -18.420680743952367), 20.0)  # log(1e-8), as TRL
+            lws = tl.minimum(tl.maximum(tl.sum(acc_lrc, 0), _K_VESPO_LOG_MIN), _K_EXP_GUARD)
             k = tl.where(a >= 0, k_pos, k_neg)
             lam = tl.maximum(tl.where(a >= 0, lam_pos, lam_neg), 1e-4)
             phi = tl.exp(lam + k * lws - lam * tl.exp(lws))
@@ -135,7 +140,7 @@ def _grpo_loss_fwd_kernel(
             if HAS_OLD:
                 old = tl.load(old_ptr + row * stride_oldn + idx * stride_oldl, mask=inb, other=0.0).to(tl.float32)
                 lr = lp - old
-            c = tl.exp(tl.minimum(tl.maximum(lr, -20.0), 20.0))
+            c = tl.exp(tl.minimum(tl.maximum(lr, -_K_EXP_GUARD), _K_EXP_GUARD))
         p, dpdc, dpdl = _policy_term(c, a, lp, phi, eps_low, eps_high, delta, tau_pos, tau_neg, LOSS, HAS_DELTA)
         if HAS_EMASK:
             em = tl.load(emask_ptr + row * stride_emn + idx * stride_eml, mask=inb, other=0).to(tl.float32)
@@ -145,7 +150,7 @@ def _grpo_loss_fwd_kernel(
             acc_em += m
         if HAS_KL:
             ref = tl.load(ref_ptr + row * stride_refn + idx * stride_refl, mask=inb, other=0.0).to(tl.float32)
-            d = tl.minimum(ref - lp, 20.0)
+            d = tl.minimum(ref - lp, _K_EXP_GUARD)
             kl = tl.exp(d) - d - 1.0
             acc_klraw += m * kl
             if BIAS_KL:
@@ -214,8 +219,8 @@ def _grpo_loss_bwd_kernel(
     if SEQ:
         cnt = tl.load(st + 0)
         mu = tl.load(st + 8)
-        c_row = tl.exp(tl.minimum(tl.maximum(mu, -20.0), 20.0))
-        gcl = (mu >= -20.0).to(tl.float32) * (mu <= 20.0).to(tl.float32)
+        c_row = tl.exp(tl.minimum(tl.maximum(mu, -_K_EXP_GUARD), _K_EXP_GUARD))
+        gcl = (mu >= -_K_EXP_GUARD).to(tl.float32) * (mu <= _K_EXP_GUARD).to(tl.float32)
         _p_row, dpdc_row, _dl_row = _policy_term(c_row, a, 0.0, phi, eps_low, eps_high, delta, tau_pos, tau_neg,
                                                  LOSS, HAS_DELTA)
         r = dpdc_row * tl.load(st + 9)
@@ -236,8 +241,8 @@ def _grpo_loss_bwd_kernel(
             if HAS_OLD:
                 old = tl.load(old_ptr + row * stride_oldn + idx * stride_oldl, mask=inb, other=0.0).to(tl.float32)
                 lr = lp - old
-            c = tl.exp(tl.minimum(tl.maximum(lr, -20.0), 20.0))
-            gct = (lr >= -20.0).to(tl.float32) * (lr <= 20.0).to(tl.float32)
+            c = tl.exp(tl.minimum(tl.maximum(lr, -_K_EXP_GUARD), _K_EXP_GUARD))
+            gct = (lr >= -_K_EXP_GUARD).to(tl.float32) * (lr <= _K_EXP_GUARD).to(tl.float32)
         _, dpdc, dpdl = _policy_term(c, a, lp, phi, eps_low, eps_high, delta, tau_pos, tau_neg, LOSS, HAS_DELTA)
         dl = dpdl + dpdc * c * gct  # gct is 0 at sequence level: the ratio's path goes through seq_coef
         if HAS_EMASK:
@@ -245,9 +250,9 @@ def _grpo_loss_bwd_kernel(
         if HAS_KL:
             ref = tl.load(ref_ptr + row * stride_refn + idx * stride_refl, mask=inb, other=0.0).to(tl.float32)
             d = ref - lp
-            dc = tl.minimum(d, 20.0)
+            dc = tl.minimum(d, _K_EXP_GUARD)
             ed = tl.exp(dc)
-            dkl = tl.where(d <= 20.0, 1.0 - ed, 0.0)
+            dkl = tl.where(d <= _K_EXP_GUARD, 1.0 - ed, 0.0)
             if BIAS_KL:
                 dl += beta * (dkl * c + (ed - dc - 1.0) * c * gct)
             else:
@@ -282,7 +287,7 @@ def _grpo_loss_fwd(logp, old, ref, adv, mask, ent, emask, hp: dict, flags: dict)
     ent_ = ent if ent is not None else logp
     block, warps = _block_l(L)
     _grpo_loss_fwd_kernel[(N,)](
-        *ptrs, ent_, row_loss, stats, L, *strides, *ent_.stride(), stats.stride(0), *hp.values(), **flags,
+        *ptrs, ent_, row_loss, stats, L, *strides, *ent_.stride(), stats.stride(0), **hp, **flags,
         HAS_OLD=old is not None, HAS_ENT=ent is not None, HAS_EMASK=emask is not None, BLOCK_L=block,
         num_warps=warps,
     )
@@ -298,7 +303,7 @@ def _grpo_loss_bwd(grad_row, logp, old, ref, adv, mask, emask, stats, hp: dict, 
     block, warps = _block_l(L)
     _grpo_loss_bwd_kernel[(N,)](
         *ptrs, grad_row, stats, dlogp, L, *strides, grad_row.stride(0), stats.stride(0), *dlogp.stride(),
-        *list(hp.values())[:6], **flags,  # not VESPO's constants: φ is in stats
+        **{k: hp[k] for k in _BWD_HP}, **flags,
         HAS_OLD=old is not None, HAS_EMASK=emask is not None, BLOCK_L=block, num_warps=warps,
     )
     return dlogp.to(logp.dtype)
@@ -375,7 +380,8 @@ def _metrics_from_stats(stats, loss_type, level, beta, has_ent) -> dict[str, tor
     return {k: v.detach() for k, v in out.items()}
 
 
-def _validate(logp, old_logp, ref_logp, advantages, mask, entropy, entropy_mask, kw: dict) -> None:
+def _validate(logp, old_logp, ref_logp, advantages, mask, entropy, entropy_mask, opts: LossOptions,
+              batch: dict) -> None:
     def check_tensor(name, t, shape, floating=True):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -386,11 +392,6 @@ def _validate(logp, old_logp, ref_logp, advantages, mask, entropy, entropy_mask,
         if t.device != logp.device:
             raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
 
-    if kw["loss_type"] not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {kw['loss_type']!r}")
-    if kw["importance_sampling_level"] not in IS_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level must be one of {IS_LEVELS}, got {kw['importance_sampling_level']!r}")
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.is_floating_point():
         raise ValueError("logp must be a floating-point tensor of shape [N, L]")
     N, L = logp.shape
@@ -406,32 +407,22 @@ def _validate(logp, old_logp, ref_logp, advantages, mask, entropy, entropy_mask,
         check_tensor(name, t, (N, L), floating=False)
         if t.is_complex():
             raise ValueError(f"{name} must be bool, integer or floating-point (0/1), got dtype {t.dtype}")
-    if kw["beta"] != 0.0 and ref_logp is None:
+    if opts.beta != 0.0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta != 0")
-    if kw["loss_type"] == "dr_grpo" and (kw["max_completion_length"] is None or kw["max_completion_length"] <= 0):
-        raise ValueError("max_completion_length (a positive int) is required for loss_type='dr_grpo'")
-    for name in ("epsilon", "epsilon_high"):
-        if kw[name] is not None and not kw[name] >= 0:
-            raise ValueError(f"{name} must be >= 0, got {kw[name]}")
-    if kw["delta"] is not None and not kw["delta"] > 0:
-        raise ValueError(f"delta must be None or > 0, got {kw['delta']}")
-    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-        if not kw[name] > 0:
-            raise ValueError(f"{name} must be > 0, got {kw[name]}")
     for name in ("gradient_accumulation_steps", "steps_per_generation", "num_processes"):
-        if kw[name] is not None and not (int(kw[name]) == kw[name] and kw[name] >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {kw[name]}")
+        if batch[name] is not None and not (int(batch[name]) == batch[name] and batch[name] >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {batch[name]}")
 
 
-def _options(params: dict) -> dict:
-    """The keyword options of a ``grpo_loss``-signature call, from its ``locals()`` taken on entry."""
-    return {k: v for k, v in params.items() if k not in _TENSOR_ARGS}
-
-
-def _defaults(epsilon_high, epsilon, steps_per_generation, gradient_accumulation_steps):
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    spg = gradient_accumulation_steps if steps_per_generation is None else steps_per_generation
-    return eps_high, spg
+def _kernel_args(o: LossOptions) -> tuple[dict, dict]:
+    """The kernels' float hyperparameters (by parameter name) and constexpr flags."""
+    hp = dict(eps_low=float(o.epsilon), eps_high=float(o.eps_high), delta=float(o.delta or 0.0), beta=float(o.beta),
+              tau_pos=float(o.sapo_temperature_pos), tau_neg=float(o.sapo_temperature_neg),
+              k_pos=float(o.vespo_k_pos), lam_pos=float(o.vespo_lambda_pos), k_neg=float(o.vespo_k_neg),
+              lam_neg=float(o.vespo_lambda_neg))
+    flags = dict(LOSS=_LOSS_CODE[o.loss_type], SEQ=o.importance_sampling_level == "sequence", HAS_KL=o.beta != 0.0,
+                 BIAS_KL=bool(o.use_bias_correction_kl), HAS_DELTA=o.delta is not None and o.loss_type in _CLIPPED)
+    return hp, flags
 
 
 def grpo_loss(
@@ -440,29 +431,20 @@ def grpo_loss(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    options: LossOptions | None = None,
     *,
-    loss_type: str = "dapo",
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    beta: float = 0.0,
-    use_bias_correction_kl: bool = True,
-    importance_sampling_level: str = "token",
     num_items_in_batch: int | float | torch.Tensor | None = None,
-    max_completion_length: int | None = None,
     entropy: torch.Tensor | None = None,
     entropy_mask: torch.Tensor | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
     gradient_accumulation_steps: int = 1,
     steps_per_generation: int | None = None,
     num_processes: int = 1,
+    **option_keywords,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO policy loss with TRL 1.16's ``_compute_loss`` semantics (train mode) → ``(loss, metrics)``.
+
+    The options (loss type, ε, δ, β, ...) come from ``options`` (a ``LossOptions``), from keywords with the same
+    names (``grpo_loss(..., loss_type="grpo", beta=0.04)``), or both (keywords override).
 
     Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask``, ``entropy``, ``entropy_mask`` are ``[N, L]``,
     ``advantages`` is ``[N]``. Only ``logp`` receives a gradient. ``old_logp=None`` is on-policy (TRL's
@@ -493,24 +475,23 @@ def grpo_loss(
     sequence level (as TRL); low_min/high_max are NaN when no row has a token (as TRL's nanmin/nanmax); a
     cross-rank reduction is the trainer's job. fp64 input runs the PyTorch path.
     """
-    opts = _options(locals())
-    _validate(logp, old_logp, ref_logp, advantages, mask, entropy, entropy_mask, opts)
+    opts = resolve_options(options, option_keywords)
+    batch = dict(num_items_in_batch=num_items_in_batch, entropy=entropy, entropy_mask=entropy_mask,
+                 gradient_accumulation_steps=gradient_accumulation_steps, steps_per_generation=steps_per_generation,
+                 num_processes=num_processes)
+    _validate(logp, old_logp, ref_logp, advantages, mask, entropy, entropy_mask, opts, batch)
     if not use_triton(logp) or logp.dtype == torch.float64:
-        return grpo_loss_ref(logp, old_logp, ref_logp, advantages, mask, **opts)
-    eps_high, spg = _defaults(epsilon_high, epsilon, steps_per_generation, gradient_accumulation_steps)
-    hp = dict(eps_low=float(epsilon), eps_high=float(eps_high), delta=float(delta if delta is not None else 0.0),
-              beta=float(beta), tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg),
-              k_pos=float(vespo_k_pos), lam_pos=float(vespo_lambda_pos), k_neg=float(vespo_k_neg),
-              lam_neg=float(vespo_lambda_neg))
-    flags = dict(LOSS=_LOSS_CODE[loss_type], SEQ=importance_sampling_level == "sequence", HAS_KL=beta != 0.0,
-                 BIAS_KL=bool(use_bias_correction_kl), HAS_DELTA=delta is not None and loss_type in _CLIPPED)
-    ref = ref_logp.detach() if beta != 0.0 else None
+        return grpo_loss_ref(logp, old_logp, ref_logp, advantages, mask, opts, **batch)
+    spg = gradient_accumulation_steps if steps_per_generation is None else steps_per_generation
+    hp, flags = _kernel_args(opts)
+    ref = ref_logp.detach() if opts.beta != 0.0 else None
     old = old_logp.detach() if old_logp is not None else None
     ent = entropy.detach() if entropy is not None else None
     row_loss, stats = _GRPOLossRows.apply(logp, old, ref, advantages.detach(), mask, ent, entropy_mask, hp, flags)
-    loss = _normalize(row_loss, stats[:, 0], loss_type, logp.shape[0], num_items_in_batch, max_completion_length,
-                      gradient_accumulation_steps, spg, num_processes)
-    return loss, _metrics_from_stats(stats, loss_type, importance_sampling_level, beta, entropy is not None)
+    loss = _normalize(row_loss, stats[:, 0], opts.loss_type, logp.shape[0], num_items_in_batch,
+                      opts.max_completion_length, gradient_accumulation_steps, spg, num_processes)
+    return loss, _metrics_from_stats(stats, opts.loss_type, opts.importance_sampling_level, opts.beta,
+                                     entropy is not None)
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor:
@@ -535,17 +516,19 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_qua
 
 
 def grpo_loss_ref(
-    logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", epsilon=0.2, epsilon_high=None, delta=None,
-    beta=0.0, use_bias_correction_kl=True, importance_sampling_level="token", num_items_in_batch=None,
-    max_completion_length=None, entropy=None, entropy_mask=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
-    vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, gradient_accumulation_steps=1,
-    steps_per_generation=None, num_processes=1,
+    logp, old_logp, ref_logp, advantages, mask, options=None, *, num_items_in_batch=None, entropy=None,
+    entropy_mask=None, gradient_accumulation_steps=1, steps_per_generation=None, num_processes=1, **option_keywords,
 ):
     """Plain PyTorch oracle of ``grpo_loss`` (same signature and semantics), written after TRL's ``_compute_loss``;
     also the CPU path (autograd gives the gradient). Computes in fp32, or fp64 when ``logp`` is fp64."""
-    _validate(logp, old_logp, ref_logp, advantages, mask, entropy, entropy_mask, _options(locals()))
+    o = resolve_options(options, option_keywords, "grpo_loss_ref")
+    batch = dict(gradient_accumulation_steps=gradient_accumulation_steps, steps_per_generation=steps_per_generation,
+                 num_processes=num_processes)
+    _validate(logp, old_logp, ref_logp, advantages, mask, entropy, entropy_mask, o, batch)
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    eps_high, spg = _defaults(epsilon_high, epsilon, steps_per_generation, gradient_accumulation_steps)
+    epsilon, eps_high, delta, beta = o.epsilon, o.eps_high, o.delta, o.beta
+    loss_type, level = o.loss_type, o.importance_sampling_level
+    spg = gradient_accumulation_steps if steps_per_generation is None else steps_per_generation
     lp = logp.to(dt)  # [N, L]
     old = lp.detach() if old_logp is None else old_logp.detach().to(dt)
     m = mask.to(dt)  # [N, L]
@@ -553,7 +536,7 @@ def grpo_loss_ref(
     count = m.sum(-1)  # [N]
 
     log_ratio = lp - old
-    if importance_sampling_level == "token":
+    if level == "token":
         log_w = log_ratio  # [N, L]
     else:
         log_w = ((log_ratio * m).sum(-1) / count.clamp(min=1.0)).unsqueeze(-1)  # [N, 1]
@@ -562,7 +545,7 @@ def grpo_loss_ref(
     if beta != 0.0:
         d = (ref_logp.detach().to(dt) - lp).clamp(max=EXP_GUARD)
         per_token_kl = torch.exp(d) - d - 1
-        if use_bias_correction_kl:
+        if o.use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1  # [N, L]
 
     if loss_type == "cispo":
@@ -573,13 +556,14 @@ def grpo_loss_ref(
             coef_1 = torch.clamp(coef_1, max=delta)
         per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
     elif loss_type == "sapo":
-        tau = torch.where(a > 0, sapo_temperature_pos, sapo_temperature_neg)
+        tau = torch.where(a > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * a
     else:  # vespo: a detached Gamma weight of the row's summed (clamped) log-ratio
         with torch.no_grad():
-            log_w_seq = (log_ratio.clamp(-20.0, 20.0) * m).sum(-1, keepdim=True).clamp(_VESPO_LOG_MIN, 20.0)
-            k = torch.where(a >= 0, vespo_k_pos, vespo_k_neg)
-            lam = torch.where(a >= 0, vespo_lambda_pos, vespo_lambda_neg).clamp(min=1e-4)
+            log_w_seq = (log_ratio.clamp(-EXP_GUARD, EXP_GUARD) * m).sum(-1, keepdim=True)  # [N, 1]
+            log_w_seq = log_w_seq.clamp(_VESPO_LOG_MIN, EXP_GUARD)
+            k = torch.where(a >= 0, o.vespo_k_pos, o.vespo_k_neg)
+            lam = torch.where(a >= 0, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
             phi = torch.exp(lam + k * log_w_seq - lam * torch.exp(log_w_seq)).nan_to_num(0.0, 0.0, 0.0)  # [N, 1]
         per_token_loss = -phi * a * lp
 
@@ -588,13 +572,13 @@ def grpo_loss_ref(
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
     row_loss = (per_token_loss * m).sum(-1)  # [N]
-    loss = _normalize(row_loss, count, loss_type, lp.shape[0], num_items_in_batch, max_completion_length,
+    loss = _normalize(row_loss, count, loss_type, lp.shape[0], num_items_in_batch, o.max_completion_length,
                       gradient_accumulation_steps, spg, num_processes)
 
     with torch.no_grad():
         tokens = count.sum().clamp(min=1.0)
 
-        seq = importance_sampling_level == "sequence"  # then the ratio flags are one value per row: [N, 1]
+        seq = level == "sequence"  # then the ratio flags are one value per row: [N, 1]
 
         def masked_mean(x):  # TRL's global_masked_mean on one process
             return x.sum() / x.shape[0] if seq else (x * m).sum() / tokens
@@ -613,8 +597,8 @@ def grpo_loss_ref(
             metrics["clip_ratio/low_mean"] = masked_mean(low)
             metrics["clip_ratio/high_mean"] = masked_mean(high)
             metrics["clip_ratio/region_mean"] = masked_mean(((low + high) > 0).to(dt))
-            metrics["clip_ratio/low_min"] = _seq_minmax(per_row(low), count, importance_sampling_level, "min")
-            metrics["clip_ratio/high_max"] = _seq_minmax(per_row(high), count, importance_sampling_level, "max")
+            metrics["clip_ratio/low_min"] = _seq_minmax(per_row(low), count, level, "min")
+            metrics["clip_ratio/high_max"] = _seq_minmax(per_row(high), count, level, "max")
         elif loss_type == "cispo":
             metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > eps_high) & (a > 0)).to(dt))
         elif loss_type == "vespo":

@@ -21,9 +21,11 @@ per-process means are averaged (TRL weights them by token counts).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from grpo_fast.kernels.grpo_loss import grpo_loss, high_entropy_mask
+from grpo_fast.kernels.grpo_loss import LossOptions, grpo_loss, high_entropy_mask
 from grpo_fast.kernels.logprob import linear_logprobs
 from grpo_fast.models import lm_head_of
 
@@ -41,6 +43,11 @@ class FastGRPOTrainer(_TRLGRPOTrainer):
 
     #: rows of hidden states per LM-head chunk on the CPU path (None: the op's default)
     logprob_chunk_size: int | None = None
+
+    @functools.cached_property
+    def loss_options(self) -> LossOptions:
+        """The loss's options, built once from TRL's config (TRL's trainer reads the same fields, unchanged)."""
+        return LossOptions.from_config(self.args)
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -97,15 +104,9 @@ class FastGRPOTrainer(_TRLGRPOTrainer):
         args = self.args
         loss, metrics = grpo_loss(
             logp, inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps") if self.beta != 0 else None,
-            advantages, mask,
-            loss_type=self.loss_type, epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=args.delta,
-            beta=self.beta, use_bias_correction_kl=args.use_bias_correction_kl,
-            importance_sampling_level=self.importance_sampling_level,
-            num_items_in_batch=inputs.get("num_items_in_batch"), max_completion_length=self.max_completion_length,
-            entropy=entropy.detach(), entropy_mask=entropy_mask,
-            sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
-            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
-            vespo_lambda_neg=args.vespo_lambda_neg, gradient_accumulation_steps=ga,
+            advantages, mask, self.loss_options,
+            num_items_in_batch=inputs.get("num_items_in_batch"), entropy=entropy.detach(), entropy_mask=entropy_mask,
+            gradient_accumulation_steps=ga,
             steps_per_generation=args.steps_per_generation if training else 1,
             num_processes=self.accelerator.num_processes,
         )
