@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 PYTEST := PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PY) -m pytest
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo bench env clean
+.PHONY: test test-fast test-trl demo bench env clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,13 @@ test: .installed-test
 
 test-fast: .installed-test
 	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+# TRL's own GRPO tests (tests/trl_compat) on TARGET=trl|fast|grpo_fast, offline; SUBSET=ci runs the CI handful.
+TARGET ?= fast
+SUBSET ?=
+test-trl: .installed-test
+	GRPO_FAST_TRL_TARGET=$(TARGET) GRPO_FAST_TRL_SUBSET=$(SUBSET) $(PYTEST) tests/trl_compat -q -p no:cacheprovider \
+		-rfE $(PYTEST_ARGS)
 
 demo: .installed-test
 	PYTHONSAFEPATH=1 $(BIN)/grpo-fast train --config configs/demo.yaml
