@@ -32,7 +32,7 @@ test: .installed-test
 test-fast: .installed-test
 	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
-# TRL's own GRPO tests (tests/trl_compat) on TARGET=trl|fast|grpo_fast, offline; SUBSET=ci runs the CI handful.
+# TRL's own GRPO tests, offline (tests/trl_compat): TARGET=trl|fast|fast-trl-generation|grpo_fast; SUBSET=ci: CI's few.
 TARGET ?= fast
 SUBSET ?=
 test-trl: .installed-test

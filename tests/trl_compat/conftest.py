@@ -1,7 +1,7 @@
 """Offline harness for TRL's own GRPO tests (``test_grpo_trainer.py``, copied from TRL with one import switched).
 
-Runs only when ``GRPO_FAST_TRL_TARGET`` is set (``trl``, ``fast`` or ``grpo_fast``, see target.py); otherwise the
-copied file is not collected, so ``make test`` stays fast and the Hub stand-ins never leak into other tests.
+Runs only when ``GRPO_FAST_TRL_TARGET`` names a target (see target.py); otherwise the copied file is not collected,
+so ``make test`` stays fast and the Hub stand-ins never leak into other tests.
 ``GRPO_FAST_TRL_SUBSET=ci`` keeps only ``CI_SUBSET``.
 
 Offline: the Hub models the tests name are rebuilt in code into a hub cache (hub.py) that ``HF_HUB_CACHE`` points
@@ -117,7 +117,7 @@ def _cpu_training_args(monkeypatch):
     sets it the same way when no accelerator is present."""
     import torch
 
-    if torch.cuda.is_available() or TARGET not in ("trl", "fast"):
+    if torch.cuda.is_available() or TARGET == "grpo_fast":
         return
     from trl.trainer.base_config import _BaseConfig
 

@@ -2,12 +2,13 @@
 
 Each ``trl-internal-testing/tiny-*`` model is rebuilt in code with the shapes TRL's own generator uses (hidden size
 8 for causal LMs, 16 for reward models, 2 layers, 4 heads, 2 key/value heads, 4 experts for MoE), random init, with
-a generation config and a tokenizer. Saved in float32, where the Hub's are bfloat16: TRL loads them with the stored
-dtype, and a CPU without bfloat16 units runs bfloat16 matmuls ~20x slower. Tokenizers are character-level (printable ASCII
-plus the family's special tokens) with a chat template in the family's shape, so vocabularies stay ~100 tokens:
-a test run takes minutes, not hours. Deliberate differences from the Hub models, each visible in a test's outcome:
-token ids differ (tests that hard-code Qwen2.5 ids cannot pass), float32 weights, and with ~100 tokens a random model samples EOS
-about once per 100 tokens, where the Hub's 151k-token models practically never do.
+a generation config and a tokenizer. Tokenizers are character-level (printable ASCII plus the family's special
+tokens) with a chat template in the family's shape, so vocabularies stay ~100 tokens and a test takes seconds.
+
+Deliberate differences from the Hub models, each visible in a test's outcome: token ids differ (tests that hard-code
+Qwen2.5 ids cannot pass); with ~100 tokens a random model samples EOS about once per 100 tokens, where the Hub's
+151k-token models practically never do; weights are float32, where the Hub's are bfloat16 (TRL loads the stored
+dtype, and a CPU without bfloat16 units runs bfloat16 matmuls ~20x slower).
 
 ``build_hub(root)`` writes ``root/models--<org>--<name>/{refs/main, snapshots/<rev>/...}``; with ``HF_HUB_CACHE=root``
 and ``HF_HUB_OFFLINE=1``, ``from_pretrained("trl-internal-testing/tiny-...")`` loads the stand-in.
@@ -66,7 +67,9 @@ TOKENIZERS = {
         "<|eot_id|>", None, "<|begin_of_text|>", LLAMA3,
     ),
     "mistral": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "</s>", None, "<s>", MISTRAL),
-    "gemma": (["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>", "<pad>", "<bos>", GEMMA),
+    "gemma": (
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>", "<pad>", "<bos>", GEMMA,
+    ),
     "cohere": (
         ["<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
          "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>"],

@@ -3,6 +3,7 @@ TRL's is the import of ``GRPOConfig`` and ``GRPOTrainer`` from here.
 
 - ``trl``: TRL's own ``GRPOTrainer`` (the reference the counts are measured against);
 - ``fast``: ``grpo_fast.integrations.trl.FastGRPOTrainer`` (TRL's trainer on grpo_fast's ops) with TRL's config;
+- ``fast-trl-generation``: the same with ``use_shared_prefix_sampler = False`` (TRL's own generation);
 - ``grpo_fast``: ``grpo_fast.GRPOTrainer`` with ``grpo_fast.GRPOConfig``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-TARGETS = ("trl", "fast", "grpo_fast")
+TARGETS = ("trl", "fast", "fast-trl-generation", "grpo_fast")
 TARGET = os.environ.get("GRPO_FAST_TRL_TARGET", "trl")
 
 if TARGET == "trl":
@@ -19,6 +20,13 @@ elif TARGET == "fast":
     from trl import GRPOConfig
 
     from grpo_fast.integrations.trl import FastGRPOTrainer as GRPOTrainer
+elif TARGET == "fast-trl-generation":
+    from trl import GRPOConfig
+
+    from grpo_fast.integrations.trl import FastGRPOTrainer
+
+    class GRPOTrainer(FastGRPOTrainer):
+        use_shared_prefix_sampler = False
 elif TARGET == "grpo_fast":
     from grpo_fast import GRPOConfig, GRPOTrainer
 else:
