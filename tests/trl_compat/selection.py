@@ -7,13 +7,13 @@ HUB_ONLY = {
         "assumes EOS is never sampled, true of the Hub's 151k-token vocabulary, not of a ~100-token stand-in",
 }
 
-# Representative and quick: construction, a plain run, a conversational run, a multi-iteration run (old log-probs),
-# a KL run (reference model), a loss type that normalizes globally, and PEFT.
+# Representative and quick (~30 s a target): construction, a conversational run, a multi-iteration run (old
+# log-probs), a KL run (reference model), a loss type that normalizes globally (dapo), and PEFT.
 CI_SUBSET = (
     "test_init_minimal",
     "test_train_dataset_format[conversational_prompt_only]",
     "test_train_multiple_iterations",
     "test_train_beta_non_zero",
-    "test_train_loss_types[False-dapo]",
+    "test_train_loss_types[dapo-False]",
     "test_train_peft_config",
 )
