@@ -45,8 +45,8 @@ def test_training_generates_with_the_sampler_not_generate(tmp_path):
         patch.object(GenerationMixin, "generate", side_effect=AssertionError("transformers' generate was called")),
     ):
         trainer.train()
-    assert ours.call_count == 2  # 4 completions = 2 prompts x 2 generations, one sampler call per prompt
-    assert all(call.kwargs["group_size"] == 2 for call in ours.call_args_list)
+    assert ours.call_count == 1  # 4 completions = 2 prompts x 2 generations, in one sampler call
+    assert ours.call_args.kwargs["group_size"] == 2 and len(ours.call_args.args[1]) == 2
     assert trainer.state.log_history[-1]["train_loss"] is not None
 
 
@@ -75,9 +75,12 @@ def test_sampler_logprobs_replace_the_old_logprob_pass(tmp_path):
 def test_on_policy_leaves_old_logprobs_to_trl(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.model.train()
-    out = trainer._generate_and_score_completions([{"prompt": "3+4="}, {"prompt": "3+4="}])
+    rows = [{"prompt": "3+4="}, {"prompt": "3+4="}, {"prompt": "12+5="}, {"prompt": "7*6="}]  # groups of 2, 1, 1
+    with patch.object(SharedPrefixSampler, "generate", autospec=True, side_effect=SharedPrefixSampler.generate) as ours:
+        out = trainer._generate_and_score_completions(rows)
+    assert [call.kwargs["group_size"] for call in ours.call_args_list] == [2, 1, 1]
     assert out.get("old_per_token_logps") is None  # on-policy: ratio 1, as in TRL
-    assert out["sampling_per_token_logps"].shape == out["completion_ids"].shape
+    assert out["sampling_per_token_logps"].shape == out["completion_ids"].shape == (4, out["completion_ids"].size(1))
 
 
 def test_unimplemented_generation_kwargs_fall_back_to_trl_by_name(tmp_path, caplog):

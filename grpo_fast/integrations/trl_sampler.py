@@ -116,9 +116,13 @@ class SharedPrefixGeneration:
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
             sampler = SharedPrefixSampler(unwrapped_model, self._tokenizer)
-            for prompt, count in _runs(prompt_ids):
+            runs = _runs(prompt_ids)
+            # one call for the whole batch when every prompt has the same group size (the usual case)
+            batches = [runs] if len({count for _, count in runs}) == 1 else [[run] for run in runs]
+            for batch in batches:
                 out = sampler.generate(
-                    [prompt], group_size=count, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    [prompt for prompt, _ in batch], group_size=batch[0][1], max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature,
                     top_p=cfg.top_p if cfg.top_p is not None else 1.0, top_k=cfg.top_k or None, min_p=cfg.min_p,
                     repetition_penalty=cfg.repetition_penalty if cfg.repetition_penalty is not None else 1.0,
                     eos_token_id=eos,
