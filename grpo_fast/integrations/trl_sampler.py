@@ -90,7 +90,7 @@ class SharedPrefixGeneration:
         if getattr(cfg, "cache_implementation", None) is not None:
             return f"cache_implementation={cfg.cache_implementation!r}"
         model = self.accelerator.unwrap_model(self.model)
-        return sampler_refusal(model, max(len(p) for p in prompt_ids), self.max_completion_length)
+        return sampler_refusal(model, max(len(p) for p in prompt_ids), cfg.max_new_tokens)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         reason = self._shared_prefix_fallback(prompt_ids, images, multimodal_fields)
