@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 PYTEST := PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PY) -m pytest
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast test-numerics demo bench bench-ops env clean
+.PHONY: test test-fast test-numerics test-trl demo bench bench-ops env clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,6 +38,13 @@ CAP ?= default
 NUMERICS_SELECT ?= numerics
 test-numerics: .installed-test
 	ATEN_CPU_CAPABILITY=$(CAP) $(PYTEST) -q -m "$(NUMERICS_SELECT)" $(PYTEST_ARGS)
+
+# TRL's own GRPO tests, offline (tests/trl_compat): TARGET=trl|fast|fast-trl-generation|grpo_fast; SUBSET=ci: CI's few.
+TARGET ?= fast
+SUBSET ?=
+test-trl: .installed-test
+	GRPO_FAST_TRL_TARGET=$(TARGET) GRPO_FAST_TRL_SUBSET=$(SUBSET) $(PYTEST) tests/trl_compat -q -p no:cacheprovider \
+		-rfE $(PYTEST_ARGS)
 
 demo: .installed-test
 	PYTHONSAFEPATH=1 $(BIN)/grpo-fast train --config configs/demo.yaml

@@ -4,8 +4,9 @@ A TRL user changes one import::
 
     from grpo_fast.integrations.trl import FastGRPOTrainer as GRPOTrainer
 
-Everything else is TRL's own code (generation, rewards, advantages, logging, checkpoints, accelerate/DeepSpeed).
-Two methods are replaced:
+Everything else is TRL's own code (rewards, advantages, logging, checkpoints, accelerate/DeepSpeed). Generation goes
+through grpo_fast's shared-prefix sampler where it can serve the batch (``SharedPrefixGeneration``, trl_sampler.py;
+``use_shared_prefix_sampler = False`` turns it off). Two more methods are replaced:
 
 - ``_get_per_token_logps_and_entropies``: the decoder's final hidden states go into ``linear_logprobs`` (the head
   never produces a ``[T, V]`` logits tensor, forward or backward). The model is called as TRL calls it (same
@@ -29,6 +30,8 @@ from grpo_fast.kernels.grpo_loss import LossOptions, grpo_loss, high_entropy_mas
 from grpo_fast.kernels.logprob import linear_logprobs
 from grpo_fast.models import lm_head_of
 
+from .trl_sampler import SharedPrefixGeneration
+
 try:
     from trl import GRPOTrainer as _TRLGRPOTrainer
 except ImportError as e:  # pragma: no cover
@@ -38,8 +41,8 @@ _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_
                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-class FastGRPOTrainer(_TRLGRPOTrainer):
-    """TRL's GRPOTrainer; the log-prob and loss computations run on grpo_fast's fused ops."""
+class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
+    """TRL's GRPOTrainer; generation runs on the shared-prefix sampler, log-probs and loss on grpo_fast's fused ops."""
 
     #: rows of hidden states per LM-head chunk on the CPU path (None: the op's default)
     logprob_chunk_size: int | None = None
@@ -53,6 +56,9 @@ class FastGRPOTrainer(_TRLGRPOTrainer):
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
         compute_aux_loss=False, **multimodal,
     ):
+        sampled = self._take_sampled_logps(model, logits_to_keep, compute_entropy)
+        if sampled is not None:
+            return sampled, None, None
         if compute_aux_loss or any(multimodal.get(k) is not None for k in _MULTIMODAL):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,

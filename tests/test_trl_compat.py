@@ -1,0 +1,32 @@
+"""CI's slice of the offline TRL-test harness (tests/trl_compat): TRL's own GRPO tests, unchanged, pass on TRL's
+trainer and on ``FastGRPOTrainer``. Each target runs in its own pytest process, because the harness points
+huggingface_hub at a stand-in hub cache before anything imports it. The whole selection: ``make test-trl``."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HARNESS = Path(__file__).parent / "trl_compat"
+_spec = importlib.util.spec_from_file_location("trl_compat_selection", HARNESS / "selection.py")
+selection = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(selection)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["trl", "fast"])
+def test_trl_grpo_tests_ci_subset(target):
+    env = dict(os.environ, GRPO_FAST_TRL_TARGET=target, GRPO_FAST_TRL_SUBSET="ci", PYTHONSAFEPATH="1",
+               TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", str(HARNESS), "-q", "-p", "no:cacheprovider", "-rfE"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-6000:]
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) == len(selection.CI_SUBSET), out[-3000:]
