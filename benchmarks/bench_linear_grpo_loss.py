@@ -3,8 +3,7 @@
 The problem: dapo, β = 0.04, token-level importance sampling, off-policy old log-probs, rows of L = 256 fully
 masked in (N = T / 256 rows). Variants, on the same inputs:
   naive_grpo    logits = h @ W.T; log_softmax; gather; grpo_loss_ref; backward (holds several [T, V] tensors)
-  chained_grpo  linear_logprobs → grpo_loss (the fallback path of linear_grpo_loss: 4 GEMMs)
-  fused_grpo    grpo_fast.kernels.linear_grpo_loss.linear_grpo_loss (its one-pass 3-GEMM path)
+  fused_grpo    grpo_fast.kernels.linear_grpo_loss.linear_grpo_loss (linear_logprobs → grpo_loss: never [T, V])
 How memory and time are measured: benchmarks/lm_head.py (fresh subprocess per variant for memory, interleaved
 repeats for time, median after one warm-up). On a shared machine CPU times are noisy; the JSON keeps every repeat.
 
@@ -17,7 +16,7 @@ from __future__ import annotations
 import torch
 from lm_head import main
 
-VARIANTS = ("naive_grpo", "chained_grpo", "fused_grpo")
+VARIANTS = ("naive_grpo", "fused_grpo")
 GRPO_L = 256  # completion length: N = T / 256 rows
 LOSS = dict(loss_type="dapo", beta=0.04)
 
@@ -37,9 +36,8 @@ def grpo_inputs(t: torch.Tensor):
 
 def make_fn(variant: str):
     """``fn(hidden [T, D], weight [V, D], targets [T]) -> loss`` of one variant."""
-    from grpo_fast.kernels.grpo_loss import grpo_loss, grpo_loss_ref
+    from grpo_fast.kernels.grpo_loss import grpo_loss_ref
     from grpo_fast.kernels.linear_grpo_loss import linear_grpo_loss
-    from grpo_fast.kernels.logprob import linear_logprobs
 
     def naive_grpo(h, w, t):
         shape, old, ref, adv, mask = grpo_inputs(t)
@@ -47,16 +45,11 @@ def make_fn(variant: str):
         logp = logits.float().log_softmax(-1).gather(1, t[:, None]).view(shape)  # [N, L]
         return grpo_loss_ref(logp, old, ref, adv, mask, **LOSS)[0]
 
-    def chained_grpo(h, w, t):
-        shape, old, ref, adv, mask = grpo_inputs(t)
-        logp, ent = linear_logprobs(h, w, t, return_entropy=True)
-        return grpo_loss(logp.view(shape), old, ref, adv, mask, entropy=ent.detach().view(shape), **LOSS)[0]
-
     def fused_grpo(h, w, t):
         shape, old, ref, adv, mask = grpo_inputs(t)
         return linear_grpo_loss(h, w, t, old, ref, adv, mask, completion_shape=shape, **LOSS)[0]
 
-    return {"naive_grpo": naive_grpo, "chained_grpo": chained_grpo, "fused_grpo": fused_grpo}[variant]
+    return {"naive_grpo": naive_grpo, "fused_grpo": fused_grpo}[variant]
 
 
 if __name__ == "__main__":

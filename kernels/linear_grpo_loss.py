@@ -16,7 +16,7 @@ import torch
 from .grpo_loss import _validate as _validate_loss
 from .grpo_loss import grpo_loss, grpo_loss_ref, high_entropy_mask
 from .logprob import _validate as _validate_head
-from .logprob import linear_logprobs, linear_logprobs_ref
+from .logprob import _autocast_inputs, linear_logprobs, linear_logprobs_ref
 from .loss_options import LossOptions, resolve_options
 
 
@@ -33,6 +33,7 @@ def linear_grpo_loss(
     completion_shape: tuple[int, int],
     temperature: float = 1.0,
     bias: torch.Tensor | None = None,
+    softcap: float | None = None,
     top_entropy_quantile: float = 1.0,
     ignore_index: int = -100,
     return_logp: bool = False,
@@ -48,8 +49,9 @@ def linear_grpo_loss(
     ``hidden [T, D]`` and ``targets [T]`` are the completion positions flattened row-major, ``T = N·L`` with
     ``completion_shape=(N, L)`` (padding included; ``mask [N, L]`` removes it; a target equal to ``ignore_index``
     gives logp = entropy = 0 and no gradient). ``weight [V, D]``, ``bias [V]``; ``old_logp``, ``ref_logp``
-    ``[N, L]``, ``advantages [N]``. With z = (hidden @ weight.T + bias) / temperature, logp[t] = log_softmax(z[t])
-    at targets[t] (``linear_logprobs``, chunks of ``chunk_size`` rows); then ``grpo_loss(logp, ..., entropy=
+    ``[N, L]``, ``advantages [N]``. With y = hidden @ weight.T + bias, z = y / temperature (``softcap`` c: z =
+    c·tanh(y/c) / temperature), logp[t] = log_softmax(z[t]) at targets[t] (``linear_logprobs``, chunks of
+    ``chunk_size`` rows; under ``torch.autocast`` the head computes as ``nn.Linear`` does there); then ``grpo_loss(logp, ..., entropy=
     entropy)`` with ``options`` / option keywords and the per-batch arguments as in ``grpo_loss``;
     ``top_entropy_quantile < 1`` masks the policy term with ``high_entropy_mask`` of the entropies, as TRL.
     Gradients flow to hidden, weight and bias.
@@ -59,6 +61,7 @@ def linear_grpo_loss(
         ``[N, L]`` fp32, detached).
     """
     N, L = completion_shape
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate_head(hidden, weight, targets, temperature, bias, chunk_size,
                    (torch.float32, torch.bfloat16, torch.float16))  # fmt: skip
     if hidden.shape[0] != N * L:
@@ -75,7 +78,7 @@ def linear_grpo_loss(
     placeholder = torch.empty((N, L), device=hidden.device, dtype=torch.float32)
     _validate_loss(placeholder, old_logp, ref_logp, advantages, mask, None, None, opts, batch)
     logp, entropy = linear_logprobs(hidden, weight, targets, temperature, bias, return_entropy=True,
-                                    ignore_index=ignore_index, chunk_size=chunk_size)
+                                    ignore_index=ignore_index, chunk_size=chunk_size, softcap=softcap)
     logp = logp.view(N, L)  # [N, L]
     entropy = entropy.detach().view(N, L)  # [N, L]
     emask = high_entropy_mask(entropy, mask, top_entropy_quantile) if top_entropy_quantile < 1.0 else None
@@ -88,13 +91,13 @@ def linear_grpo_loss(
 
 def linear_grpo_loss_ref(
     hidden, weight, targets, old_logp, ref_logp, advantages, mask, options=None, *, completion_shape, temperature=1.0,
-    bias=None, top_entropy_quantile=1.0, ignore_index=-100, return_logp=False, chunk_size=None, **keywords,
+    bias=None, softcap=None, top_entropy_quantile=1.0, ignore_index=-100, return_logp=False, chunk_size=None, **keywords,
 ):
     """Plain PyTorch: materialized [T, V] logits (``linear_logprobs_ref``) → ``grpo_loss_ref``, in the inputs' dtype
     (float64 inputs give the oracle). Same signature and returns; ``chunk_size`` is ignored."""
     N, L = completion_shape
     logp, entropy = linear_logprobs_ref(hidden, weight, targets, temperature, bias, return_entropy=True,
-                                        ignore_index=ignore_index)
+                                        ignore_index=ignore_index, softcap=softcap)
     logp = logp.view(N, L)  # [N, L]
     entropy = entropy.detach().view(N, L)  # [N, L]
     emask = high_entropy_mask(entropy, mask, top_entropy_quantile) if top_entropy_quantile < 1.0 else None

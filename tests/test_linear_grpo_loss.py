@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from grpo_fast.kernels.grpo_loss import LOSS_TYPES, grpo_loss_ref
+from grpo_fast.kernels.grpo_loss import LOSS_TYPES, grpo_loss, grpo_loss_ref
 from grpo_fast.kernels.linear_grpo_loss import linear_grpo_loss, linear_grpo_loss_ref
 from grpo_fast.kernels.logprob import linear_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -151,6 +151,37 @@ def test_backends_and_default_chunk(backend, force_backend, numerics):
         plain = _run(linear_grpo_loss_ref, prob, torch.float32, **kw)
         ours = _run(linear_grpo_loss, prob, torch.float32, DEV, **kw)
         _check(ours, ref64, plain, numerics, prob, f"{backend}/{level}")
+
+
+def test_softcap_passes_through():
+    """softcap reaches the head: the op equals the chain linear_logprobs(softcap) → grpo_loss exactly, and differs
+    from the uncapped loss (the cap's own numerics are tested in test_logprob.py)."""
+    hidden, weight, bias, targets, old, ref, adv, mask = (t.float() if t.is_floating_point() else t for t in _problem())
+    kw = dict(loss_type="grpo", beta=0.04)
+    loss, _ = linear_grpo_loss(hidden, weight, targets, old, ref, adv, mask, completion_shape=mask.shape, bias=bias,
+                               temperature=0.7, softcap=2.5, **kw)
+    logp, ent = linear_logprobs(hidden, weight, targets, 0.7, bias, return_entropy=True, softcap=2.5)
+    chained, _ = grpo_loss(logp.view(mask.shape), old, ref, adv, mask, entropy=ent.view(mask.shape), **kw)
+    uncapped, _ = linear_grpo_loss(hidden, weight, targets, old, ref, adv, mask, completion_shape=mask.shape,
+                                   bias=bias, temperature=0.7, **kw)
+    assert torch.equal(loss, chained) and not torch.allclose(loss, uncapped)
+
+
+def test_autocast_fp32_master_weights(numerics):
+    """Under bf16 autocast with fp32 hidden and weights the op casts as nn.Linear does (it used to refuse the
+    mixed dtypes): fp32 loss, fp32 gradients, within 2x of the unfused reference under the same autocast."""
+    prob = _problem(seed=4)
+    kw = dict(loss_type="dapo", beta=0.04, temperature=0.7, softcap=2.5)
+    ref64 = _run(linear_grpo_loss_ref, prob, torch.float64, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _run(linear_grpo_loss_ref, prob, torch.float32, **kw)
+        ours = _run(linear_grpo_loss, prob, torch.float32, **kw)
+    assert ours[0].dtype == ours[1].dtype == ours[2].dtype == torch.float32
+    hidden, weight, bias = prob[:3]
+    scale = numerics.condition_scale((ref64[1], hidden), (ref64[2], weight), (ref64[3], bias))
+    numerics.check_2x(ours[0], ref64[0], plain[0], name="loss", scale=scale, dtype=torch.bfloat16)
+    for i, name in ((1, "d hidden"), (2, "d weight"), (3, "d bias")):
+        numerics.check_2x(ours[i], ref64[i], plain[i], name=name, dtype=torch.bfloat16)
 
 
 def test_poisoned_outputs(poison):
