@@ -27,7 +27,7 @@ from grpo_fast.sampling import CounterUniform, SamplingOptions, sample_tokens
 
 def bucket_sizes(n_rows: int) -> list[int]:
     """Batch widths a decode runs at, descending: ``n_rows``, then the powers of two and 1.5× powers of two below it
-    (1, 2, 3, 4, 6, 8, 12, ...): a live count pads up by at most 1.5× (4/3 above 4)."""
+    (1, 2, 3, 4, 6, 8, 12, ...): from 2 up a live count pads up by at most 1.5×."""
     sizes = {n_rows}
     p = 1
     while p < n_rows:
