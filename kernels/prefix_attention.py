@@ -312,7 +312,8 @@ def prefix_decode_attention(
     Shapes: q ``[N, H, S, Dh]``; prefix_k/v ``[B, Hkv, P, Dh]`` with valid lengths ``prefix_lens [B]`` (each ≥ 1;
     keys at or beyond the length are ignored); suffix_k/v ``[N, Hkv, Ls, Dh]`` with valid lengths ``suffix_lens``
     (``[N]`` tensor, or one length for all rows: an int or a 0-dim device tensor — what a graph-captured decode step
-    passes, so no Python int is baked in; 0 allowed). H must be a multiple of Hkv (GQA: head h reads kv head h // (H/Hkv)).
+    passes, so no Python int is baked in; 0 allowed; with a tensor length the CPU path masks the whole buffer, so
+    entries past the length must be finite, e.g. zero-initialized). H must be a multiple of Hkv (GQA: head h reads kv head h // (H/Hkv)).
 
     ``group_size`` is either the int G (row n belongs to prompt n // G), or a long tensor of row offsets ``[B + 1]``
     (rows of prompt b are offsets[b]:offsets[b+1], empty groups allowed) — what a sampler that drops finished rows
