@@ -49,10 +49,19 @@ run() {
             --out "$R/linear_grpo_loss_cuda.json" ;;
     update) step 150 python3 benchmarks/bench_update.py --weights random --repeats 3 \
               --variants padded shared_prefix shared_prefix_matmul --out "$R/update_cuda.json" ;;
-    sampler) step 45 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --repeats 3 \
-               --out "$R/sampler_cuda.json" ;;
-    sampler_large) step 60 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --prompts 16 \
-                     --group-size 16 --prompt-len 1024 --new-tokens 128 --repeats 2 --out "$R/sampler_large_cuda.json" ;;
+    sampler_tests) step 120 env PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider \
+                     --junitxml="$R/junit_sampler_cuda.xml" tests/test_sampler_cuda.py tests/test_cuda.py -k "sampler or prefix" ;;
+    sampler) step 60 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --repeats 3 \
+               --variants ours ours_eager hf --out "$R/sampler_cuda.json" ;;
+    sampler_large) step 120 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --prompts 16 \
+                     --group-size 16 --prompt-len 1024 --new-tokens 256 --repeats 3 \
+                     --variants ours ours_eager hf hf_static --out "$R/sampler_large_cuda.json" ;;
+    sampler_qwen) step 120 python3 benchmarks/bench_sampler.py --config qwen2.5-1.5b --dtype bfloat16 --prompts 16 \
+                    --group-size 16 --prompt-len 1024 --new-tokens 256 --repeats 3 --variants ours hf \
+                    --out "$R/sampler_qwen_cuda.json" ;;
+    sampler_8b) step 180 python3 benchmarks/bench_sampler.py --config llama3-8b --dtype bfloat16 --prompts 16 \
+                  --group-size 16 --prompt-len 1024 --new-tokens 256 --repeats 3 --variants ours hf \
+                  --out "$R/sampler_8b_cuda.json" ;;
     grpo_loss) step 30 python3 benchmarks/bench_grpo_loss.py --out "$R/grpo_loss_cuda.json" ;;
     logprob7b) step 90 python3 benchmarks/bench_logprob.py --hidden 4096 --vocab 151936 --tokens 4096 16384 \
                  --variants naive ours --repeats 5 --out "$R/logprob_7b_cuda.json" ;;

@@ -275,6 +275,10 @@ class SharedPrefixSampler:
         """The decode state and cache: reused from the last call when graphs are on and nothing they depend on
         changed, else new (the old ones, their graphs and memory pool are dropped first)."""
         graphs = self.cuda_graphs if self.cuda_graphs is not None else device.type == "cuda"
+        if max_new == 1:  # no decode step to capture: leave the graphs of the usual calls alone
+            state = DecodeState(b, g, max_new, vocab, eos, pad, opts, device)
+            state.prefix_cap = p_max
+            return state, _SharedPrefixCache(state, self.model.config.get_text_config().num_hidden_layers), None, False
         # A fixed prefix capacity lets the graphs captured for one batch of prompts serve the next.
         p_cap = -(-p_max // 256) * 256 if graphs else p_max
         sig = (b, g, max_new, p_cap, vocab, opts, tuple(eos), pad, device)
