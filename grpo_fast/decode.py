@@ -51,6 +51,7 @@ class DecodeState:
         n = b * g
         self.n = n
         self.prefix_cap, self.total_len = 0, 0  # prefix buffer length (>= longest prompt); prompt + new tokens
+        self.packed_index = self.packed_cu = self.packed_bounds = None  # where prefill's packed tokens belong
         self.prefill = True  # the attention function's branch; a Python flag, constant inside a captured decode step
         self.step = torch.zeros((), dtype=torch.long, device=device)  # index t of the token being sampled
         self.suffix_len = torch.ones((), dtype=torch.long, device=device)  # t + 1 while token t is forwarded

@@ -8,8 +8,9 @@ How it plugs into a Hugging Face causal LM (public extension points only, model 
   per-sample suffix buffers ``[N, Hkv, L, Dh]`` preallocated for ``max_new_tokens``. The cache reaches the attention
   function as the extra keyword ``prefix_cache=`` given to ``model(...)``; transformers forwards unknown keywords to it.
 
-Generation: one batched, right-padded prefill of the B prompts (causal attention never lets a real token see the
-padding on its right; the LM head runs only on each prompt's last token through ``logits_to_keep``), then lockstep
+Generation: one prefill of the B prompts packed into one sequence (no padding: attention runs per prompt, through
+flash-attention's varlen kernel when importable on CUDA, else SDPA; the LM head runs only on each prompt's last
+token through ``logits_to_keep``), then lockstep
 decoding of the N = B·G rows (row n = b·G + g) with explicit positions (prompt at 0..P_b−1, token t at P_b+t, as
 ``generate`` places left-padded prompts). The decode loop lives in ``grpo_fast.decode``: a step free of host syncs
 over device-resident state (so it can be captured in a CUDA graph, and is on a GPU), finished rows kept behind a
@@ -19,7 +20,7 @@ no sort), a two-level inverse-CDF draw with one counter-based uniform per row.
 
 Simplifications: stop strings are checked on the host at each check by decoding the last few tokens of each row,
 so a row may run up to ``check_every`` tokens past its stop before leaving the batch (they are cut); the repetition
-penalty is applied to prompt and generated tokens. Prefill uses SDPA (flash-attention's varlen kernel is not used).
+penalty is applied to prompt and generated tokens.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from grpo_fast.decode import CudaGraphRunner, DecodeState, param_fingerprint, run_decode
 from grpo_fast.kernels.prefix_attention import prefix_decode_attention
 from grpo_fast.sampling import CounterUniform, SamplingOptions
+
+try:  # optional: the varlen prefill kernel on CUDA
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except ImportError:
+    _flash_varlen = None
 
 ATTN_NAME = "grpo_fast_shared_prefix"
 
@@ -74,13 +80,14 @@ class _PrefixLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         st = self.state
-        if st.prefill:  # keep the prompts' K/V, once per prompt
-            p = key_states.shape[2]
-            if (self.prefix_k is None or self.prefix_k.shape[:2] != key_states.shape[:2]
+        if st.prefill:  # the packed prompts' K/V [1, Hkv, T, Dh] land in their prompt's row, once per prompt
+            b, hkv = st.n_prompts, key_states.shape[1]
+            if (self.prefix_k is None or self.prefix_k.shape[:2] != (b, hkv)
                     or self.prefix_k.shape[2] != st.prefix_cap or self.prefix_k.dtype != key_states.dtype):
-                self.lazy_initialization(key_states, value_states)
-            self.prefix_k[:, :, :p].copy_(key_states)
-            self.prefix_v[:, :, :p].copy_(value_states)
+                self.lazy_initialization(key_states.expand(b, -1, -1, -1), value_states.expand(b, -1, -1, -1))
+            prompt, pos = st.packed_index  # [T], [T]
+            self.prefix_k[prompt, :, pos] = key_states[0].transpose(0, 1)  # [T, Hkv, Dh]
+            self.prefix_v[prompt, :, pos] = value_states[0].transpose(0, 1)
         else:  # token t of each slot goes to suffix entry t, a device index
             n = st.n
             self.suffix_k[:n].index_copy_(2, st.step.view(1), key_states)
@@ -127,14 +134,29 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
         for name in ("softcap", "s_aux"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"SharedPrefixSampler: attention with '{name}' is not supported")
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=query.shape[1] != key.shape[1])  # [B, H, P, Dh]
-        return out.transpose(1, 2), None
+        return _packed_prefill_attention(query, key, value, st.packed_cu, st.packed_bounds, scaling), None
     n = st.n
     out = prefix_decode_attention(query, layer.prefix_k, layer.prefix_v, st.prefix_lens, layer.suffix_k[:n],
                                   layer.suffix_v[:n], st.suffix_len, st.groups, scale=scaling,
                                   max_group_size=st.max_group)  # [n, H, 1, Dh]
     return out.transpose(1, 2), None
+
+
+def _packed_prefill_attention(q, k, v, cu, bounds, scale):
+    """Causal attention of the B prompts packed into one sequence (q ``[1, H, T, Dh]``, k/v ``[1, Hkv, T, Dh]``;
+    prompt b holds tokens ``bounds[b]:bounds[b+1]``): flash-attention's varlen kernel when it is importable and
+    applies, else SDPA per prompt — no padding either way. Returns ``[1, T, H, Dh]``."""
+    if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        p_max = max(e - s for s, e in zip(bounds, bounds[1:]))
+        out = _flash_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, p_max, p_max,
+                            softmax_scale=scale, causal=True)  # [T, H, Dh]
+        return out[None]
+    out = q.new_empty(q.shape)  # [1, H, T, Dh]
+    for start, end in zip(bounds, bounds[1:]):
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end],
+                                                              v[:, :, start:end], is_causal=True, scale=scale,
+                                                              enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
 
 
 AttentionInterface.register(ATTN_NAME, _shared_prefix_attention)
@@ -301,9 +323,6 @@ class SharedPrefixSampler:
         b, n_rows = len(prompt_ids), len(prompt_ids) * g
         lens = torch.tensor([len(p) for p in prompt_ids], device=device)  # [B]
         p_max = max(map(len, prompt_ids))
-        input_ids = torch.full((b, p_max), pad, dtype=torch.long, device=device)  # [B, P] right-padded
-        for i, p in enumerate(prompt_ids):
-            input_ids[i, : len(p)] = torch.tensor(p, device=device)
         keys = self._keys(seed, b, g, device)
         vocab = model.config.get_text_config().vocab_size
         state, cache, runner, graphs = self._state(b, g, max_new, p_max, vocab, opts,
@@ -311,9 +330,18 @@ class SharedPrefixSampler:
         state.reset(lens, keys, prompt_ids)
         state.total_len = p_max + max_new
 
-        positions = torch.arange(p_max, device=device).expand(b, p_max)  # [B, P]
-        logits = model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
-                       logits_to_keep=(lens - 1)[:, None], prefix_cache=cache).logits[:, 0]  # [B, V]
+        # Prefill packs the prompts into one sequence [1, T]: no padding token passes any layer.
+        input_ids = torch.tensor([t for p in prompt_ids for t in p], device=device)[None]  # [1, T]
+        bounds = [0]
+        for p in prompt_ids:
+            bounds.append(bounds[-1] + len(p))
+        positions = torch.cat([torch.arange(len(p), device=device) for p in prompt_ids])  # [T]
+        state.packed_index = (torch.repeat_interleave(torch.arange(b, device=device), lens), positions)
+        state.packed_cu = torch.tensor(bounds, dtype=torch.int32, device=device)  # [B + 1]
+        state.packed_bounds = bounds
+        last = torch.tensor(bounds[1:], device=device) - 1  # [B] each prompt's last token
+        logits = model(input_ids=input_ids, position_ids=positions[None], cache=cache, use_cache=True,
+                       logits_to_keep=last, prefix_cache=cache).logits[0]  # [B, V]
         state.logits.copy_(logits.float().repeat_interleave(g, 0))  # [N, V]
         state.prefill = False
         stop_scan = self._stop_scanner(n_rows, max_new, stop) if stop else None

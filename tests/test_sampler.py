@@ -207,6 +207,14 @@ def test_kv_cache_is_prefix_once_plus_preallocated_suffix(monkeypatch):
     for layer in cache.layers:
         assert layer.prefix_k.shape == layer.prefix_v.shape == (b, hkv, p, dh)
         assert layer.suffix_k.shape == layer.suffix_v.shape == (n, hkv, 7, dh)
+    # The packed prefill put each prompt's K/V in its row: the same as a plain forward of that prompt alone.
+    for i, ids in enumerate(prompt_ids):
+        with torch.no_grad():
+            ref = model(torch.tensor([ids]), use_cache=True).cache
+        for layer, ref_layer in zip(cache.layers, ref.layers):
+            torch.testing.assert_close(layer.prefix_k[i, :, : len(ids)], ref_layer.keys[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.prefix_v[i, :, : len(ids)], ref_layer.values[0], atol=1e-5, rtol=1e-5)
+            assert (layer.prefix_k[i, :, len(ids):] == 0).all()
 
 
 def test_state_restored_after_generate_and_after_error(monkeypatch):
