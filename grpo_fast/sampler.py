@@ -26,6 +26,7 @@ penalty is applied to prompt and generated tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -147,12 +148,12 @@ def _packed_prefill_attention(q, k, v, cu, bounds, scale):
     prompt b holds tokens ``bounds[b]:bounds[b+1]``): flash-attention's varlen kernel when it is importable and
     applies, else SDPA per prompt — no padding either way. Returns ``[1, T, H, Dh]``."""
     if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        p_max = max(e - s for s, e in zip(bounds, bounds[1:]))
+        p_max = max(e - s for s, e in itertools.pairwise(bounds))
         out = _flash_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, p_max, p_max,
                             softmax_scale=scale, causal=True)  # [T, H, Dh]
         return out[None]
     out = q.new_empty(q.shape)  # [1, H, T, Dh]
-    for start, end in zip(bounds, bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end],
                                                               v[:, :, start:end], is_causal=True, scale=scale,
                                                               enable_gqa=q.shape[1] != k.shape[1])

@@ -163,7 +163,7 @@ def _launch_triton(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffi
         out = torch.empty_like(q)  # [N, H, S, Dh], q's layout: the caller's transpose back is then free
         part, plse = out, lse
     else:
-        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # the merge writes rows of Dh  # fp32 partials, contiguous [splits, N, H, S, Dh]
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous: the merge writes rows of Dh
         part = torch.empty((splits, n_rows, h, s, dh), device=q.device, dtype=torch.float32)
         plse = torch.empty((splits, n_rows, h, s), device=q.device, dtype=torch.float32)
     sl_stride = 0 if suffix_lens.dim() == 0 else suffix_lens.stride(0)
@@ -313,7 +313,8 @@ def prefix_decode_attention(
     keys at or beyond the length are ignored); suffix_k/v ``[N, Hkv, Ls, Dh]`` with valid lengths ``suffix_lens``
     (``[N]`` tensor, or one length for all rows: an int or a 0-dim device tensor — what a graph-captured decode step
     passes, so no Python int is baked in; 0 allowed; with a tensor length the CPU path masks the whole buffer, so
-    entries past the length must be finite, e.g. zero-initialized). H must be a multiple of Hkv (GQA: head h reads kv head h // (H/Hkv)).
+    entries past the length must be finite, e.g. zero-initialized). H must be a multiple of Hkv (GQA: head h reads
+    kv head h // (H/Hkv)).
 
     ``group_size`` is either the int G (row n belongs to prompt n // G), or a long tensor of row offsets ``[B + 1]``
     (rows of prompt b are offsets[b]:offsets[b+1], empty groups allowed) — what a sampler that drops finished rows
