@@ -171,6 +171,10 @@ def param_fingerprint(model) -> tuple:
                  [*model.parameters(), *model.buffers()])
 
 
+class GraphCaptureError(RuntimeError):
+    """The decode step could not be captured; the sampler then decodes eagerly."""
+
+
 class CudaGraphRunner:
     """One ``torch.cuda.CUDAGraph`` of ``decode_step`` per batch width, all in one memory pool."""
 
@@ -191,8 +195,11 @@ class CudaGraphRunner:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            fn()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                fn()
+        except RuntimeError as err:  # e.g. a host sync inside the model's forward
+            raise GraphCaptureError(f"capturing the decode step at width {width} failed: {err}") from err
         self.pool = graph.pool()
         self.graphs[width] = graph
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from grpo_fast.decode import CudaGraphRunner, DecodeState, param_fingerprint, run_decode
+from grpo_fast.decode import CudaGraphRunner, DecodeState, GraphCaptureError, param_fingerprint, run_decode
 from grpo_fast.kernels.prefix_attention import prefix_decode_attention
 from grpo_fast.sampling import CounterUniform, SamplingOptions
 
@@ -277,8 +278,14 @@ class SharedPrefixSampler:
             with torch.inference_mode():
                 opts = SamplingOptions(float(temperature), top_k or 0, float(top_p), float(min_p or 0.0),
                                        float(repetition_penalty), bool(return_truncated_logprobs))
-                out = self._generate(prompt_ids, group_size, max_new_tokens, opts, stop or [], seed, ignore_eos,
-                                     eos, pad)
+                args = (prompt_ids, group_size, max_new_tokens, opts, stop or [], seed, ignore_eos, eos, pad)
+                try:
+                    out = self._generate(*args)
+                except GraphCaptureError as err:
+                    warnings.warn(f"SharedPrefixSampler: {err}; decoding without CUDA graphs from now on",
+                                  stacklevel=3)
+                    self.cuda_graphs, self._workspace = False, None
+                    out = self._generate(*args)
             tensors = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
             return dataclasses.replace(out, **{k: v.clone() for k, v in tensors.items() if torch.is_tensor(v)})
         finally:
@@ -297,7 +304,7 @@ class SharedPrefixSampler:
     def _state(self, b, g, max_new, p_max, vocab, opts, eos, pad, device):
         """The decode state and cache: reused from the last call when graphs are on and nothing they depend on
         changed, else new (the old ones, their graphs and memory pool are dropped first)."""
-        graphs = self.cuda_graphs if self.cuda_graphs is not None else device.type == "cuda"
+        graphs = self.cuda_graphs is not False and device.type == "cuda"
         if max_new == 1:  # no decode step to capture: leave the graphs of the usual calls alone
             state = DecodeState(b, g, max_new, vocab, eos, pad, opts, device)
             state.prefix_cap = p_max

@@ -140,3 +140,23 @@ def test_prefix_split_compiled(dtype, splits, assert_close_2x):
     atol = 1e-5 if dtype == torch.float32 else 1e-3
     assert_close_2x(out.cpu(), ref, plain, atol=atol, name="out")
     assert_close_2x(lse.cpu(), ref_lse, plain_lse, atol=atol, name="lse")
+
+
+def test_uncapturable_step_falls_back_to_eager(model, monkeypatch):
+    """A model whose forward reads a value on the host cannot be captured: one warning, then the eager path."""
+    import grpo_fast.decode as decode_mod
+
+    real = decode_mod.forward_step
+
+    def syncing(model_, cache, state):
+        int(state.step)  # a host sync: illegal while a CUDA graph is being captured
+        real(model_, cache, state)
+
+    monkeypatch.setattr(decode_mod, "forward_step", syncing)
+    tok = tiny_tokenizer()
+    kw = {"group_size": 3, "max_new_tokens": 10, "temperature": 1.0, "seed": [1, 2, 3, 4, 5]}
+    s = SharedPrefixSampler(model, tok)
+    with pytest.warns(UserWarning, match="without CUDA graphs"):
+        out = s.generate(PROMPTS, **kw)
+    assert s.cuda_graphs is False
+    _same(out, SharedPrefixSampler(model, tok, cuda_graphs=False).generate(PROMPTS, **kw))
