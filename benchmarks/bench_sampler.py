@@ -121,10 +121,10 @@ def _floor_s(cfg, model, b, g, p, new, dtype, hbm_tbs, peak_tflops):
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * dtype.itemsize
     n = b * g
-    weight_bytes = sum(t.numel() for t in model.parameters()) * dtype.itemsize
-    bytes_ = weight_bytes + kv_token * (b * p + n * new / 2)
+    # Weights a step reads: every matrix once (the input embedding only when it doubles as the LM head).
     matmul_params = sum(t.numel() for name, t in model.named_parameters() if "embed" not in name or
                         cfg.tie_word_embeddings)
+    bytes_ = matmul_params * dtype.itemsize + kv_token * (b * p + n * new / 2)
     attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * (p + new / 2)
     flops = n * (2 * matmul_params + attn)
     return max(bytes_ / (hbm_tbs * 1e12), flops / (peak_tflops * 1e12)), bytes_, flops
