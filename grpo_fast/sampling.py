@@ -101,9 +101,10 @@ def top_p_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     prefix = bits.new_zeros((n, 1), dtype=torch.int64)
     above_base = p64.new_zeros((n, 1))  # mass strictly above every value sharing the current prefix
     for shift, w in ((20, 11), (10, 10), (0, 10)):
-        digit = ((bits >> shift) & ((1 << w) - 1)).long()
-        in_prefix = (bits >> (shift + w)).long() == prefix
-        key = torch.where(in_prefix, digit, 1 << w)  # values outside the prefix land in a discarded bin
+        if shift == 20:  # the sign bit is 0: every value shares the empty prefix
+            key = (bits >> shift).long()
+        else:  # values outside the prefix land in a discarded bin
+            key = torch.where((bits >> (shift + w)) == prefix, (bits >> shift) & ((1 << w) - 1), 1 << w).long()
         hist = p64.new_zeros((n, (1 << w) + 1)).scatter_add_(1, key, p64)[:, :-1]  # [n, 2^w]
         above = above_base + (hist.sum(-1, keepdim=True) - hist.cumsum(-1))  # mass of the higher digits
         d = (above >= top_p).sum(-1, keepdim=True)  # lowest digit whose higher mass is below top_p
