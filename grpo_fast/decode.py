@@ -4,8 +4,10 @@ batch buckets, and CUDA graphs over the same step.
 The step (``decode_step``: sample token t from the current logits → write outputs → EOS check → forward token t
 through the model → new logits → ``step += 1``) reads no tensor value on the host and keeps every shape fixed: the
 step index, positions, suffix length, done flags and the sampling counter are tensors, cache writes go to a device
-index. Rows that finish stay in the batch behind ``done`` and emit pad; the host looks every K steps (``host_check``:
-EOS flags, stop strings, early exit) and only then compacts the live rows to the front of the buffers, in place.
+index. Rows that finish stay in the batch behind ``done`` and emit pad; the host looks every K steps (``run_decode``:
+EOS flags and new tokens copied out, stop strings, early exit) and only then compacts the live rows to the front of
+the buffers, in place — on the CPU to the live count, under CUDA graphs to the next bucket size. The CPU thus runs,
+eagerly, the very step a GPU captures (and ``bucketed=True`` runs the GPU's schedule on the CPU, for tests).
 
 CUDA graphs (``CudaGraphRunner``): ``torch.cuda.CUDAGraph`` captures ``decode_step`` once per batch width. Chosen over
 ``torch.compile(mode="reduce-overhead")`` because the step is already static (fixed shapes, device state, buffers
