@@ -143,7 +143,7 @@ def sample_step(state: DecodeState) -> None:
     if state.seen is not None:
         state.seen.index_put_((state.arange[:n], tok), torch.ones((), dtype=torch.bool, device=tok.device))
     if state.eos is not None:
-        hit = torch.isin(tok, state.eos) & ~was_done  # [n]
+        hit = (tok[:, None] == state.eos).any(-1) & ~was_done  # [n]; isin may sort (a data-dependent unique)
         rows = state.row_ids
         state.lengths.index_put_((rows,), torch.where(hit, state.step + 1, state.lengths.index_select(0, rows)))
         done.logical_or_(hit)

@@ -17,9 +17,11 @@ from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 
 PROMPTS = ["1+2=", "a", "(3*4)-5 = ?", "xyz"]
 
-# Ops that read a tensor value on the host or whose output shape depends on tensor values.
+# Ops that read a tensor value on the host, whose output shape depends on tensor values, or that build a tensor
+# from host data (``torch.tensor`` inside a step: a host-to-device copy, illegal while a CUDA graph captures).
 HOST_READS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-              "unique_consecutive", "unique_dim", "bincount", "histc", "masked_scatter", "argwhere"}
+              "unique_consecutive", "unique_dim", "bincount", "histc", "masked_scatter", "argwhere", "lift_fresh",
+              "lift_fresh_copy"}
 
 
 class _SyncCounter(TorchDispatchMode):
@@ -85,8 +87,11 @@ def model():
 @pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.7, top_p=0.8, min_p=0.02),
                                 dict(temperature=1.3, top_k=5, top_p=0.9, repetition_penalty=1.3,
                                      return_truncated_logprobs=True)], ids=["greedy", "top_p_min_p", "all"])
-def test_decode_step_is_sync_free(model, monkeypatch, kw):
-    """Every decode step runs under a dispatch mode counting host reads; the host checks run outside it."""
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_decode_step_is_sync_free(model, monkeypatch, kw, backend, force_backend):
+    """Every decode step runs under a dispatch mode counting host reads; the host checks run outside it. With the
+    Triton backend (interpreted here) the attention's launcher is covered too."""
+    force_backend(backend)
     counts = []
     real_step, real_sample = decode_mod.decode_step, decode_mod.sample_step
 
@@ -111,7 +116,7 @@ def test_sync_counter_catches_host_reads():
     x = torch.tensor([0.0, 1.0, 2.0])
     for fn in (lambda: x.sum().item(), lambda: bool(x.any()), lambda: x.nonzero(), lambda: x[x > 0],
                lambda: x.masked_select(x > 0), lambda: torch.unique(x), lambda: x.tolist(),
-               lambda: torch.repeat_interleave(x, torch.tensor([1, 2, 0]))):
+               lambda: torch.repeat_interleave(x, torch.tensor([1, 2, 0])), lambda: x + torch.tensor([1.0])):
         with _Counted() as mode:
             fn()
         assert mode.hits, fn
