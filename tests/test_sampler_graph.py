@@ -84,10 +84,13 @@ def model():
     return tiny_causal_lm("qwen2").eval()
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.7, top_p=0.8, min_p=0.02),
-                                dict(temperature=1.3, top_k=5, top_p=0.9, repetition_penalty=1.3,
-                                     return_truncated_logprobs=True)], ids=["greedy", "top_p_min_p", "all"])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+ALL_OPTIONS = {"temperature": 1.3, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3,
+               "return_truncated_logprobs": True}
+SYNC_CASES = [({"temperature": 0.0}, "torch"), ({"temperature": 0.7, "top_p": 0.8, "min_p": 0.02}, "torch"),
+              (ALL_OPTIONS, "torch"), pytest.param(ALL_OPTIONS, "triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("kw,backend", SYNC_CASES, ids=["greedy", "top_p_min_p", "all", "all_triton"])
 def test_decode_step_is_sync_free(model, monkeypatch, kw, backend, force_backend):
     """Every decode step runs under a dispatch mode counting host reads; the host checks run outside it. With the
     Triton backend (interpreted here) the attention's launcher is covered too."""
