@@ -264,3 +264,12 @@ def test_param_fingerprint_sees_moved_parameters(model):
     assert param_fingerprint(m) != fp
     fp = param_fingerprint(m)
     assert param_fingerprint(m.double()) != fp
+
+
+def test_rejects_bad_constructor_options(model):
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="check_every"):
+            SharedPrefixSampler(model, None, check_every=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graphs"):
+            SharedPrefixSampler(model, None, cuda_graphs=True)
