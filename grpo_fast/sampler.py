@@ -196,13 +196,17 @@ class SharedPrefixSampler:
     """Samples G completions per prompt from ``model`` (a Hugging Face causal LM using the attention interface).
 
     ``cuda_graphs``: capture the decode step in CUDA graphs (default: when the model is on a CUDA device);
-    ``check_every``: steps between host checks (K); ``bucketed``: run the bucketed, masked schedule of the graph path
-    even without graphs (default: only with graphs), which tests use to check it on the CPU."""
+    ``check_every``: steps between host checks (K; default 8 on CUDA, where a check waits for the device, and 1 on
+    the CPU, where it costs nothing and compacting finished rows at once saves their compute: with rows ending at
+    scattered steps, K = 1 / 4 / 8 / 16 took 4.0 / 4.5 / 5.1 / 6.2 s of CPU time on SmolLM2-135M);
+    ``bucketed``: run the bucketed, masked schedule of the graph path even without graphs (default: only with
+    graphs), which tests use to check it on the CPU."""
 
-    def __init__(self, model, tokenizer=None, *, cuda_graphs: bool | None = None, check_every: int = 8,
+    def __init__(self, model, tokenizer=None, *, cuda_graphs: bool | None = None, check_every: int | None = None,
                  bucketed: bool | None = None):
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+        if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
+                                        or check_every < 1):
+            raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
         if cuda_graphs and not torch.cuda.is_available():
             raise ValueError("cuda_graphs=True needs a CUDA device; pass None (auto) or False")
         self.model = model
@@ -354,8 +358,8 @@ class SharedPrefixSampler:
         state.prefill = False
         stop_scan = self._stop_scanner(n_rows, max_new, stop) if stop else None
         bucketed = self.bucketed if self.bucketed is not None else graphs
-        stops = run_decode(model, cache, state, check_every=self.check_every, bucketed=bucketed, runner=runner,
-                           stop_scan=stop_scan)
+        k = self.check_every or (8 if device.type == "cuda" else 1)
+        stops = run_decode(model, cache, state, check_every=k, bucketed=bucketed, runner=runner, stop_scan=stop_scan)
 
         eos_len = state.lengths.cpu()  # [N], max_new + 1 where no EOS was drawn
         lengths = torch.tensor([stops.get(r, min(int(eos_len[r]), max_new)) for r in range(n_rows)])
