@@ -183,6 +183,7 @@ class CudaGraphRunner:
     def __init__(self):
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self.side = None  # one warm-up stream for all widths (each new stream gets its own cuBLAS workspace)
 
     def step(self, width: int, fn) -> None:
         graph = self.graphs.get(width)
@@ -191,11 +192,11 @@ class CudaGraphRunner:
             return
         # The real step at a new width runs eagerly first, on a side stream as the capture API asks: Triton compiles,
         # cuBLAS workspaces and lazy allocations happen outside the capture. Capturing then records without running.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.side = self.side or torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             fn()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
