@@ -3,7 +3,10 @@
 The G completions of one prompt share its key/value cache. Instead of copying the prompt's K/V G times, the
 queries of a whole group attend to the prefix as ONE matmul per (prompt, kv head) — ``[G·(H/Hkv)·S, Dh] × [Dh, P]``
 — and each sample attends to its own suffix separately; the two partial softmaxes are merged exactly through
-their log-sum-exps. Layout: kernels → launchers → public function → ``prefix_decode_attention_ref``.
+their log-sum-exps. On a GPU the Triton kernel also splits the prefix across programs (flash-decoding: B·Hkv
+programs alone leave most SMs idle) and a second kernel merges the splits' partials by their log-sum-exps. Every
+length is read from device memory, so a launch inside a captured CUDA graph stays valid as the suffix grows.
+Layout: kernels → launchers → public function → ``prefix_decode_attention_ref``.
 """
 
 from __future__ import annotations
