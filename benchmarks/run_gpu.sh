@@ -49,13 +49,24 @@ run() {
             --out "$R/linear_grpo_loss_cuda.json" ;;
     update) step 150 python3 benchmarks/bench_shared_prefix.py --weights random --repeats 3 \
               --variants padded shared_prefix shared_prefix_matmul --out "$R/shared_prefix_cuda.json" ;;
-    sampler) step 45 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --repeats 3 \
-               --out "$R/sampler_cuda.json" ;;
-    sampler_large) step 60 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --prompts 16 \
-                     --group-size 16 --prompt-len 1024 --new-tokens 128 --repeats 2 --out "$R/sampler_large_cuda.json" ;;
+    sampler_tests) step 120 env PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider \
+                     --junitxml="$R/junit_sampler_cuda.xml" tests/test_sampler_cuda.py tests/test_cuda.py -k "sampler or prefix" ;;
+    sampler) step 60 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --repeats 3 \
+               --variants ours ours_eager hf --out "$R/sampler_cuda.json" ;;
+    sampler_large) step 120 python3 benchmarks/bench_sampler.py --random-init --dtype bfloat16 --prompts 16 \
+                     --group-size 16 --prompt-len 1024 --new-tokens 256 --repeats 3 \
+                     --variants ours ours_eager hf hf_static --out "$R/sampler_large_cuda.json" ;;
+    sampler_qwen) step 120 python3 benchmarks/bench_sampler.py --config qwen2.5-1.5b --dtype bfloat16 --prompts 16 \
+                    --group-size 16 --prompt-len 1024 --new-tokens 256 --repeats 3 --variants ours hf \
+                    --out "$R/sampler_qwen_cuda.json" ;;
+    sampler_8b) step 180 python3 benchmarks/bench_sampler.py --config llama3-8b --dtype bfloat16 --prompts 16 \
+                  --group-size 16 --prompt-len 1024 --new-tokens 256 --repeats 3 --variants ours hf \
+                  --out "$R/sampler_8b_cuda.json" ;;
     grpo_loss) step 30 python3 benchmarks/bench_grpo_loss.py --out "$R/grpo_loss_cuda.json" ;;
     logprob7b) step 90 python3 benchmarks/bench_logprob.py --hidden 4096 --vocab 151936 --tokens 4096 16384 \
                  --variants naive ours --repeats 5 --out "$R/logprob_7b_cuda.json" ;;
+    advantages) step 30 python3 benchmarks/bench_advantages.py --out "$R/advantages_cuda.json" ;;
+    prefix_attention) step 30 python3 benchmarks/bench_prefix_attention.py --out "$R/prefix_attention_cuda.json" ;;
     tune) step 90 python3 benchmarks/tune_logprob.py --out "$R/tune_logprob_cuda.json" ;;
     bf16) step 120 env PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider --junitxml="$R/junit_bf16.xml" \
             tests/test_cuda_bf16.py ;;
@@ -64,7 +75,9 @@ run() {
     *) echo "unknown step $1" ;;
   esac
 }
-for name in ${STEPS:-tests bf16 logprob grpo update sampler sampler_large grpo_loss logprob7b tune e2e}; do run "$name"; done
+# Default order: the GPU issues' acceptance figures first (tests, sampler table, e2e vs TRL, update, 7B head).
+for name in ${STEPS:-tests sampler_tests bf16 sampler_large sampler_qwen sampler_8b e2e update logprob7b grpo grpo_loss \
+                    advantages prefix_attention logprob sampler tune}; do run "$name"; done
 
 echo "=== summary"
 cat "$LOG"

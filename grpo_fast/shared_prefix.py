@@ -31,11 +31,15 @@ Gradients flow into the prompt keys/values from all G completions (the batched m
 backward sums them). A fused flash-style Triton kernel that reads the prompt keys once per group would be the next
 step for long prompts on GPUs; it would live in kernels/ beside ``prefix_attention.py`` (the decode op).
 
-This module is where grpo_fast registers its attention functions with transformers (``register_attention``).
+The decoding side of the same split lives here too: ``SharedPrefixSampler``'s attention function (``DECODE_ATTN_NAME``:
+the prompts packed without padding at prefill; at decode the Triton op ``prefix_decode_attention`` over each
+prompt's keys once + each sample's suffix, merged by log-sum-exp). This module is where grpo_fast registers its
+attention functions with transformers (``register_attention``), both of them.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
+
+from grpo_fast.kernels.prefix_attention import prefix_decode_attention
+
+try:  # optional: the varlen prefill kernel on CUDA
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except ImportError:
+    _flash_varlen = None
 
 IMPLS = ("auto", "sdpa", "matmul")  # "auto": sdpa on CUDA, matmul elsewhere
 
@@ -425,3 +436,48 @@ def shared_prefix_hidden_states(model, batch: PolicyBatch, pad_id: int, recomput
     if checkpointed:
         hidden = _SwitchAttention.apply(hidden, model, TRAIN_ATTN_NAME)
     return hidden[0][layout.gather_index]  # [N, L, D]
+
+
+def _decoding_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             prefix_cache=None, **kwargs):
+    """The transformers attention function ``DECODE_ATTN_NAME`` of ``SharedPrefixSampler``: the B prompts packed
+    without padding at prefill, prefix + suffix cascade (``prefix_decode_attention``) at decode. The sampler's cache
+    (its layers and decode state) arrives as the ``prefix_cache=`` keyword."""
+    if prefix_cache is None:
+        raise RuntimeError(f"attention '{DECODE_ATTN_NAME}' is only usable inside SharedPrefixSampler.generate")
+    st = prefix_cache.state
+    layer = prefix_cache.layers[module.layer_idx]
+    if st.prefill:
+        window = kwargs.get("sliding_window")
+        if window is not None and window < st.total_len:
+            raise ValueError(f"SharedPrefixSampler: layer {module.layer_idx} uses a sliding window of {window} tokens, "
+                             f"smaller than prompt + max_new_tokens = {st.total_len}; this model cannot be served")
+        for name in ("softcap", "s_aux"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"SharedPrefixSampler: attention with '{name}' is not supported")
+        return _packed_prefill_attention(query, key, value, st.packed_cu, st.packed_bounds, scaling), None
+    n = st.n
+    out = prefix_decode_attention(query, layer.prefix_k, layer.prefix_v, st.prefix_lens, layer.suffix_k[:n],
+                                  layer.suffix_v[:n], st.suffix_len, st.groups, scale=scaling,
+                                  max_group_size=st.max_group)  # [n, H, 1, Dh]
+    return out.transpose(1, 2), None
+
+
+def _packed_prefill_attention(q, k, v, cu, bounds, scale):
+    """Causal attention of the B prompts packed into one sequence (q ``[1, H, T, Dh]``, k/v ``[1, Hkv, T, Dh]``;
+    prompt b holds tokens ``bounds[b]:bounds[b+1]``): flash-attention's varlen kernel when it is importable and
+    applies, else SDPA per prompt — no padding either way. Returns ``[1, T, H, Dh]``."""
+    if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        p_max = max(e - s for s, e in itertools.pairwise(bounds))
+        out = _flash_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, p_max, p_max,
+                            softmax_scale=scale, causal=True)  # [T, H, Dh]
+        return out[None]
+    out = q.new_empty(q.shape)  # [1, H, T, Dh]
+    for start, end in itertools.pairwise(bounds):
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end],
+                                                              v[:, :, start:end], is_causal=True, scale=scale,
+                                                              enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+DECODE_ATTN_NAME = register_attention("grpo_fast_shared_prefix", _decoding_attention)

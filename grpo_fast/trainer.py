@@ -543,7 +543,6 @@ class GRPOTrainer:
             self._pending[k].append(float(v))
 
     def _after_step(self, progress) -> None:
-        args = self.args
         log_every, save_every, eval_every = (self.intervals[k] for k in ("logging_steps", "save_steps", "eval_steps"))
         if (log_every and self.step % log_every == 0) or self.step == self.max_steps:
             logs = dist.mean_over_ranks({k: _nanmean(v) for k, v in self._pending.items()}, self.device)

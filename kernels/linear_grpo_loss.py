@@ -51,8 +51,8 @@ def linear_grpo_loss(
     gives logp = entropy = 0 and no gradient). ``weight [V, D]``, ``bias [V]``; ``old_logp``, ``ref_logp``
     ``[N, L]``, ``advantages [N]``. With y = hidden @ weight.T + bias, z = y / temperature (``softcap`` c: z =
     c·tanh(y/c) / temperature), logp[t] = log_softmax(z[t]) at targets[t] (``linear_logprobs``, chunks of
-    ``chunk_size`` rows; under ``torch.autocast`` the head computes as ``nn.Linear`` does there); then ``grpo_loss(logp, ..., entropy=
-    entropy)`` with ``options`` / option keywords and the per-batch arguments as in ``grpo_loss``;
+    ``chunk_size`` rows; under ``torch.autocast`` the head computes as ``nn.Linear`` does there); then
+    ``grpo_loss(logp, ..., entropy=entropy)`` with ``options`` / option keywords and the per-batch arguments as in ``grpo_loss``;
     ``top_entropy_quantile < 1`` masks the policy term with ``high_entropy_mask`` of the entropies, as TRL.
     Gradients flow to hidden, weight and bias.
 
@@ -91,7 +91,8 @@ def linear_grpo_loss(
 
 def linear_grpo_loss_ref(
     hidden, weight, targets, old_logp, ref_logp, advantages, mask, options=None, *, completion_shape, temperature=1.0,
-    bias=None, softcap=None, top_entropy_quantile=1.0, ignore_index=-100, return_logp=False, chunk_size=None, **keywords,
+    bias=None, softcap=None, top_entropy_quantile=1.0, ignore_index=-100, return_logp=False, chunk_size=None,
+    **keywords,
 ):
     """Plain PyTorch: materialized [T, V] logits (``linear_logprobs_ref``) → ``grpo_loss_ref``, in the inputs' dtype
     (float64 inputs give the oracle). Same signature and returns; ``chunk_size`` is ignored."""

@@ -3,7 +3,10 @@
 The G completions of one prompt share its key/value cache. Instead of copying the prompt's K/V G times, the
 queries of a whole group attend to the prefix as ONE matmul per (prompt, kv head) — ``[G·(H/Hkv)·S, Dh] × [Dh, P]``
 — and each sample attends to its own suffix separately; the two partial softmaxes are merged exactly through
-their log-sum-exps. Layout: kernels → launchers → public function → ``prefix_decode_attention_ref``.
+their log-sum-exps. On a GPU the Triton kernel also splits the prefix across programs (flash-decoding: B·Hkv
+programs alone leave most SMs idle) and a second kernel merges the splits' partials by their log-sum-exps. Every
+length is read from device memory, so a launch inside a captured CUDA graph stays valid as the suffix grows.
+Layout: kernels → launchers → public function → ``prefix_decode_attention_ref``.
 """
 
 from __future__ import annotations
@@ -27,18 +30,24 @@ def _prefix_attention_fwd_kernel(
     stride_svn, stride_svh, stride_svl, stride_svd,
     stride_on, stride_oh, stride_os, stride_od,
     stride_ln, stride_lh, stride_ls,
-    scale, HPK, S, DH,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_sl, stride_split_o, stride_split_l,
+    scale, HPK, S, DH, CHUNK,
+    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (prompt b, kv head, block of the group's query rows). A query row m enumerates
-    (sample g of the group, head within the kv group, query position s). Phase 1: the prefix as tl.dot tiles shared by
-    every row of the block. Phase 2: each row's own suffix, one key at a time (decode suffixes are short)."""
+    """One program per (prompt b, kv head, block of the group's query rows, prefix split). A query row m enumerates
+    (sample g of the group, head within the kv group, query position s). Phase 1: the split's CHUNK prefix keys as
+    tl.dot tiles shared by every row of the block (Hydragen: the group's queries are one matrix). Phase 2, in the
+    last split only: each row's own suffix, one key at a time (decode suffixes are short). With NUM_SPLITS > 1
+    (flash-decoding) out/lse are per-split partials that ``_prefix_attention_merge_kernel`` combines."""
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
-    mblk = tl.program_id(2).to(tl.int64)
+    mblk = tl.program_id(2).to(tl.int64) // NUM_SPLITS
+    split = tl.program_id(2).to(tl.int64) % NUM_SPLITS
     row0 = tl.load(cu_ptr + b)
     count = tl.load(cu_ptr + b + 1) - row0
     plen = tl.load(plen_ptr + b)
+    key_lo = split * CHUNK
+    key_hi = tl.minimum(plen, key_lo + CHUNK)
 
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # [BLOCK_M]
     g = offs_m // (HPK * S)
@@ -59,9 +68,9 @@ def _prefix_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, plen, BLOCK_N):
+    for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + offs_n
-        mask_n = keys < plen
+        mask_n = keys < key_hi
         kt = tl.load(pk_ptr + b * stride_pkb + kvh * stride_pkh + keys[None, :] * stride_pkp
                      + offs_d[:, None] * stride_pkd, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         scores = tl.dot(q, kt.to(tl.float32), input_precision="ieee") * scale  # [BLOCK_M, BLOCK_N]
@@ -77,9 +86,9 @@ def _prefix_attention_fwd_kernel(
         m_i = m_new
 
     # Query s of row n sees suffix keys j <= slen[n] - S + s (its own key and the ones before it).
-    slen = tl.load(slen_ptr + n, mask=valid_m, other=0)
+    slen = tl.load(slen_ptr + n * stride_sl, mask=valid_m, other=0)
     last = slen - S + s  # [BLOCK_M]
-    n_keys = tl.max(tl.where(valid_m, last + 1, 0), 0)
+    n_keys = tl.max(tl.where(valid_m & (split == NUM_SPLITS - 1), last + 1, 0), 0)
     sk_row = sk_ptr + n * stride_skn + kvh * stride_skh
     sv_row = sv_ptr + n * stride_svn + kvh * stride_svh
     for j in range(0, n_keys):
@@ -101,29 +110,79 @@ def _prefix_attention_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, m_i + tl.log(l_safe), float("-inf"))
-    o_ptrs = out_ptr + n[:, None] * stride_on + head[:, None] * stride_oh + s[:, None] * stride_os
-    tl.store(o_ptrs + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+    o_ptrs = out_ptr + split * stride_split_o + n[:, None] * stride_on + head[:, None] * stride_oh
+    tl.store(o_ptrs + s[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
              mask=valid_m[:, None] & mask_d[None, :])
-    tl.store(lse_ptr + n * stride_ln + head * stride_lh + s * stride_ls, lse, mask=valid_m)
+    tl.store(lse_ptr + split * stride_split_l + n * stride_ln + head * stride_lh + s * stride_ls, lse, mask=valid_m)
 
 
-def _launch_triton(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets, max_group, scale):
+@triton.jit
+def _prefix_attention_merge_kernel(
+    part_ptr, plse_ptr, out_ptr, lse_ptr, ROWS, DH,
+    stride_split_o, stride_split_l, stride_or,
+    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (row n, head, query s), flattened: the NUM_SPLITS partial softmaxes merged exactly,
+    out = Σ exp(lse_i − lse)·out_i with lse = log Σ exp(lse_i). Split 0 always holds keys (prompts are non-empty)."""
+    r = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DH
+    splits = tl.arange(0, NUM_SPLITS).to(tl.int64)
+    lses = tl.load(plse_ptr + splits * stride_split_l + r)  # [NUM_SPLITS]
+    m = tl.max(lses, 0)
+    w = tl.where(lses == float("-inf"), 0.0, tl.exp(lses - m))
+    parts = tl.load(part_ptr + splits[:, None] * stride_split_o + r * stride_or + offs_d[None, :],
+                    mask=mask_d[None, :], other=0.0)  # [NUM_SPLITS, BLOCK_D]
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / total
+    tl.store(out_ptr + r * stride_or + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(lse_ptr + r, m + tl.log(total))
+
+
+def _num_splits(q, programs: int, p_max: int, block_n: int) -> int:
+    """Prefix splits so that the grid covers the GPU about twice, each split at least 4 key tiles long; a function of
+    shapes only, so a captured graph stays valid."""
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(p_max, 4 * block_n), 16))
+
+
+def _launch_triton(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets, max_group, scale,
+                   num_splits=None):
     n_rows, h, s, dh = q.shape
-    b, hkv = prefix_k.shape[0], prefix_k.shape[1]
+    b, hkv, p_max = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
     hpk = h // hkv
-    out = torch.empty_like(q)  # [N, H, S, Dh]
     lse = torch.empty((n_rows, h, s), device=q.device, dtype=torch.float32)  # [N, H, S]
     rows = max_group * hpk * s
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_n = 32
     block_d = max(16, triton.next_power_of_2(dh))
-    grid = (b, hkv, triton.cdiv(rows, block_m))
-    _prefix_attention_fwd_kernel[grid](
-        q, prefix_k, prefix_v, suffix_k, suffix_v, prefix_lens, suffix_lens, offsets, out, lse,
+    m_blocks = triton.cdiv(rows, block_m)
+    splits = num_splits or _num_splits(q, b * hkv * m_blocks, p_max, block_n)
+    splits = triton.next_power_of_2(max(1, min(splits, triton.cdiv(p_max, block_n))))  # merge loads a power of 2
+    chunk = triton.cdiv(triton.cdiv(p_max, splits), block_n) * block_n
+    if splits == 1:
+        out = torch.empty_like(q)  # [N, H, S, Dh], q's layout: the caller's transpose back is then free
+        part, plse = out, lse
+    else:
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous: the merge writes rows of Dh
+        part = torch.empty((splits, n_rows, h, s, dh), device=q.device, dtype=torch.float32)
+        plse = torch.empty((splits, n_rows, h, s), device=q.device, dtype=torch.float32)
+    sl_stride = 0 if suffix_lens.dim() == 0 else suffix_lens.stride(0)
+    _prefix_attention_fwd_kernel[(b, hkv, m_blocks * splits)](
+        q, prefix_k, prefix_v, suffix_k, suffix_v, prefix_lens, suffix_lens, offsets, part, plse,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *suffix_k.stride(), *suffix_v.stride(),
-        *out.stride(), *lse.stride(),
-        scale, hpk, s, dh,
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d,
+        *part.stride()[-4:], *plse.stride()[-3:], sl_stride,
+        part.stride(0) if splits > 1 else 0, plse.stride(0) if splits > 1 else 0,
+        scale, hpk, s, dh, chunk,
+        NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )
+    if splits > 1:
+        _prefix_attention_merge_kernel[(n_rows * h * s,)](
+            part, plse, out, lse, n_rows * h * s, dh, part.stride(0), plse.stride(0), dh,
+            NUM_SPLITS=splits, BLOCK_D=block_d,
+        )
     return out, lse
 
 
@@ -143,31 +202,54 @@ def _partial(q, k, v, valid, scale):
     return out, lse
 
 
-def _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, n_keys, g, scale):
-    """The decode step's common case (S = 1, one shared suffix length, full groups) in few ops: prefix and suffix
-    scores concatenated into one softmax instead of two partial softmaxes merged by their log-sum-exps."""
+def _prefix_valid(prefix_lens, p_max):
+    """bool [B, 1, 1, P]: the prefix keys inside each prompt (always built: testing whether any prompt is shorter
+    would cost a host sync)."""
+    return (torch.arange(p_max, device=prefix_lens.device) < prefix_lens[:, None])[:, None, None, :]
+
+
+def _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets, max_group, scale):
+    """The decode step (S = 1) in few ops and without a host sync: prefix and suffix scores concatenated into one
+    softmax instead of two partial softmaxes merged by their log-sum-exps. Ragged groups (``offsets``) place row n
+    of prompt b at slot b·Gmax + rank, padding the (small) queries rather than the cache; a tensor ``suffix_lens``
+    masks the whole preallocated suffix buffer instead of slicing it at a data-dependent length."""
     n_rows, h, _, dh = q.shape
     b, hkv, p_max = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
-    hpk = h // hkv
-    qg = q.reshape(b, g, hkv, hpk, dh).transpose(1, 2).reshape(b * hkv, g * hpk, dh).float()  # [B·Hkv, G·HPK, Dh]
+    hpk, g = h // hkv, max_group
+    slot = None
+    q_slots = q
+    if offsets is not None:
+        grp = torch.repeat_interleave(torch.arange(b, device=q.device), offsets.diff(), output_size=n_rows)  # [N]
+        slot = grp * g + torch.arange(n_rows, device=q.device) - offsets[grp]  # [N]
+        q_slots = q.new_zeros((b * g, h, 1, dh)).index_copy_(0, slot, q)
+    qg = q_slots.reshape(b, g, hkv, hpk, dh).transpose(1, 2).reshape(b * hkv, g * hpk, dh).float()  # [B·Hkv, G·HPK, Dh]
     kp = prefix_k.reshape(b * hkv, p_max, dh).float().transpose(1, 2)
-    if bool((prefix_lens < p_max).any()):
-        bias = torch.zeros((b, 1, p_max), device=q.device, dtype=torch.float32)
-        bias.masked_fill_(torch.arange(p_max, device=q.device) >= prefix_lens[:, None, None], float("-inf"))
-        scores_p = torch.baddbmm(bias.repeat_interleave(hkv, 0), qg, kp, alpha=scale)  # [B·Hkv, G·HPK, P]
+    bias = torch.zeros((b, 1, p_max), device=q.device, dtype=torch.float32)
+    bias.masked_fill_(~_prefix_valid(prefix_lens, p_max)[:, 0], float("-inf"))
+    scores_p = torch.baddbmm(bias.repeat_interleave(hkv, 0), qg, kp, alpha=scale)  # [B·Hkv, G·HPK, P]
+    if isinstance(suffix_lens, int):
+        n_keys, sk, sv = suffix_lens, suffix_k[:, :, :suffix_lens], suffix_v[:, :, :suffix_lens]
     else:
-        scores_p = torch.bmm(qg, kp).mul_(scale)
+        n_keys, sk, sv = suffix_k.shape[2], suffix_k, suffix_v
     qs = q.reshape(n_rows * hkv, hpk, dh).float()
-    ks = suffix_k[:, :, :n_keys].reshape(n_rows * hkv, n_keys, dh).float()
-    scores_s = torch.bmm(qs, ks.transpose(1, 2)).mul_(scale)  # [N·Hkv, HPK, Ls]
+    ks = sk.reshape(n_rows * hkv, n_keys, dh).float()
+    scores_s = torch.bmm(qs, ks.transpose(1, 2)).mul_(scale).view(n_rows, hkv, hpk, n_keys)  # [N, Hkv, HPK, Ls]
+    if not isinstance(suffix_lens, int):
+        valid = torch.arange(n_keys, device=q.device) < suffix_lens.reshape(-1, 1, 1, 1)  # [N or 1, 1, 1, Ls]
+        scores_s = scores_s.masked_fill(~valid, float("-inf"))
+    if slot is not None:
+        scores_s = scores_s.new_full((b * g, hkv, hpk, n_keys), float("-inf")).index_copy_(0, slot, scores_s)
     # One softmax over [prefix | suffix] in the prefix's (prompt, kv head) layout: only the short suffix part and
     # the outputs change layout, never the P-long prefix scores.
     scores_s = scores_s.reshape(b, g, hkv, hpk, n_keys).transpose(1, 2).reshape(b * hkv, g * hpk, n_keys)
     probs = torch.cat([scores_p, scores_s], -1).softmax(-1)  # [B·Hkv, G·HPK, P + Ls]
-    out_p = torch.bmm(probs[..., :p_max], prefix_v.reshape(b * hkv, p_max, dh).float())  # [B·Hkv, G·HPK, Dh]
-    probs_s = probs[..., p_max:].reshape(b, hkv, g, hpk, n_keys).transpose(1, 2).reshape(n_rows * hkv, hpk, n_keys)
-    out_s = torch.bmm(probs_s, suffix_v[:, :, :n_keys].reshape(n_rows * hkv, n_keys, dh).float())  # [N·Hkv, HPK, Dh]
-    out = out_p.reshape(b, hkv, g, hpk, dh).transpose(1, 2).reshape(n_rows, h, 1, dh)
+    out = torch.bmm(probs[..., :p_max], prefix_v.reshape(b * hkv, p_max, dh).float())  # [B·Hkv, G·HPK, Dh]
+    out = out.reshape(b, hkv, g, hpk, dh).transpose(1, 2).reshape(b * g, h, 1, dh)
+    probs_s = probs[..., p_max:].reshape(b, hkv, g, hpk, n_keys).transpose(1, 2).reshape(b * g, hkv, hpk, n_keys)
+    if slot is not None:
+        out, probs_s = out.index_select(0, slot), probs_s.index_select(0, slot)
+    out_s = torch.bmm(probs_s.reshape(n_rows * hkv, hpk, n_keys),
+                      sv.reshape(n_rows * hkv, n_keys, dh).float())  # [N·Hkv, HPK, Dh]
     return out.add_(out_s.reshape(n_rows, h, 1, dh)).to(q.dtype)
 
 
@@ -184,30 +266,24 @@ def _torch_path(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_l
         q_pad = q.new_zeros((b * max_group, h, s, dh))
         q_pad[slot] = q
     qg = q_pad.reshape(b, max_group, hkv, hpk * s, dh).transpose(1, 2).reshape(b, hkv, max_group * hpk * s, dh)
-    valid_p = None
-    if bool((prefix_lens < p_max).any()):
-        valid_p = (torch.arange(p_max, device=q.device) < prefix_lens[:, None])[:, None, None, :]  # [B, 1, 1, P]
+    valid_p = _prefix_valid(prefix_lens, p_max)  # [B, 1, 1, P]
     out_p, lse_p = _partial(qg, prefix_k, prefix_v, valid_p, scale)  # [B, Hkv, Gmax·HPK·S, Dh]
     out_p = out_p.reshape(b, hkv, max_group, hpk * s, dh).transpose(1, 2).reshape(b * max_group, h, s, dh)
     lse_p = lse_p.reshape(b, hkv, max_group, hpk * s).transpose(1, 2).reshape(b * max_group, h, s)
     if not even:
         out_p, lse_p = out_p[slot], lse_p[slot]  # [N, H, S, Dh], [N, H, S]
 
-    if isinstance(suffix_lens, int):
-        n_keys = suffix_lens
-        if n_keys == 0:
-            return out_p.to(q.dtype), lse_p
-    else:
-        n_keys = max(0, min(int(suffix_lens.max()) if suffix_lens.numel() else 0, suffix_k.shape[2]))
-        if n_keys == 0:
-            return out_p.to(q.dtype), lse_p
+    n_keys = suffix_lens if isinstance(suffix_lens, int) else suffix_k.shape[2]  # a tensor length masks all keys
+    if n_keys == 0:
+        return out_p.to(q.dtype), lse_p
     qs = q.reshape(n_rows, hkv, hpk * s, dh)
     sk, sv = suffix_k[:, :, :n_keys], suffix_v[:, :, :n_keys]
     valid_s = None
     if s > 1 or not isinstance(suffix_lens, int):
-        lens = suffix_lens if not isinstance(suffix_lens, int) else torch.full((n_rows,), suffix_lens, device=q.device)
+        lens = suffix_lens.reshape(-1) if not isinstance(suffix_lens, int) else torch.full((1,), suffix_lens,
+                                                                                          device=q.device)
         last = lens[:, None] - s + torch.arange(s, device=q.device)  # [N, S]
-        last = last[:, None, :].expand(n_rows, hpk, s).reshape(n_rows, 1, hpk * s, 1)  # [N, 1, HPK·S, 1]
+        last = last[:, None, :].expand(-1, hpk, s).reshape(-1, 1, hpk * s, 1)  # [N or 1, 1, HPK·S, 1]
         valid_s = torch.arange(n_keys, device=q.device) <= last  # [N, 1, HPK·S, Ls]
     out_s, lse_s = _partial(qs, sk, sv, valid_s, scale)  # [N, Hkv, HPK·S, Dh]
     out_s, lse_s = out_s.reshape(n_rows, h, s, dh), lse_s.reshape(n_rows, h, s)
@@ -232,12 +308,16 @@ def prefix_decode_attention(
     scale: float | None = None,
     max_group_size: int | None = None,
     return_lse: bool = False,
+    num_splits: int | None = None,
 ):
     """Attention of N = B·G sampled sequences over their prompt's shared prefix cache plus their own suffix cache.
 
     Shapes: q ``[N, H, S, Dh]``; prefix_k/v ``[B, Hkv, P, Dh]`` with valid lengths ``prefix_lens [B]`` (each ≥ 1;
     keys at or beyond the length are ignored); suffix_k/v ``[N, Hkv, Ls, Dh]`` with valid lengths ``suffix_lens``
-    (``[N]`` tensor or one shared int, 0 allowed). H must be a multiple of Hkv (GQA: head h reads kv head h // (H/Hkv)).
+    (``[N]`` tensor, or one length for all rows: an int or a 0-dim device tensor — what a graph-captured decode step
+    passes, so no Python int is baked in; 0 allowed; with a tensor length the CPU path masks the whole buffer, so
+    entries past the length must be finite, e.g. zero-initialized). H must be a multiple of Hkv (GQA: head h reads
+    kv head h // (H/Hkv)).
 
     ``group_size`` is either the int G (row n belongs to prompt n // G), or a long tensor of row offsets ``[B + 1]``
     (rows of prompt b are offsets[b]:offsets[b+1], empty groups allowed) — what a sampler that drops finished rows
@@ -250,7 +330,10 @@ def prefix_decode_attention(
     the concatenated cache. Scores and accumulation are fp32; ``scale`` defaults to ``Dh ** -0.5``.
 
     Returns out ``[N, H, S, Dh]`` in q's dtype, and with ``return_lse`` also lse ``[N, H, S]`` fp32 (natural log).
-    CUDA tensors run the Triton kernel; CPU tensors a PyTorch path with the same semantics.
+    CUDA tensors run the Triton kernel; CPU tensors a PyTorch path with the same semantics. The kernel splits the
+    prefix across ``num_splits`` programs per query block (flash-decoding; rounded to a power of 2; default: enough
+    to cover the GPU twice) and merges the partial results by their log-sum-exps. No path reads a tensor value on
+    the host when ``max_group_size`` is given.
     """
     n_rows, h, s, dh = q.shape
     b, hkv = prefix_k.shape[0], prefix_k.shape[1]
@@ -273,15 +356,21 @@ def prefix_decode_attention(
         max_group = int(offsets.diff().max()) if max_group_size is None else int(max_group_size)
         even = False
 
+    if not isinstance(suffix_lens, int) and suffix_lens.shape not in ((), (n_rows,)):
+        raise ValueError(f"suffix_lens must be an int, a 0-dim tensor or [N={n_rows}], got {tuple(suffix_lens.shape)}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+
     if use_triton(q):
         if offsets is None:
             offsets = torch.arange(0, n_rows + 1, group_size, device=q.device, dtype=torch.long)
         if isinstance(suffix_lens, int):
-            suffix_lens = torch.full((n_rows,), suffix_lens, device=q.device, dtype=torch.long)
+            suffix_lens = torch.full((), suffix_lens, device=q.device, dtype=torch.long)
         out, lse = _launch_triton(q, prefix_k, prefix_v, prefix_lens.to(torch.long), suffix_k, suffix_v,
-                                  suffix_lens.to(torch.long), offsets, max(max_group, 1), scale)
-    elif even and s == 1 and isinstance(suffix_lens, int) and suffix_lens > 0 and not return_lse:
-        return _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, group_size, scale)
+                                  suffix_lens.to(torch.long), offsets, max(max_group, 1), scale, num_splits)
+    elif s == 1 and not return_lse:
+        return _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets,
+                             max(max_group, 1), scale)
     else:
         out, lse = _torch_path(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets,
                                max(max_group, 1), scale, even)

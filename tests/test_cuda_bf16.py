@@ -72,7 +72,8 @@ def _gaps(t, rollout, plain):
     loss16, logp16, g16 = _step(t, rollout, True, plain)
     loss32, logp32, g32 = _step(t, rollout, False, plain)
     assert g16.dtype == torch.float32  # fp32 master weights get fp32 gradients
-    return (loss16 - loss32).abs().item(), (logp16 - logp32).abs().max().item(), ((g16 - g32).norm() / g32.norm()).item()
+    grad_gap = ((g16 - g32).norm() / g32.norm()).item()
+    return (loss16 - loss32).abs().item(), (logp16 - logp32).abs().max().item(), grad_gap
 
 
 def test_bf16_on_cpu_trains_in_fp32(tmp_path):

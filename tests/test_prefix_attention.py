@@ -89,3 +89,57 @@ def test_rejects_bad_shapes():
     sk = torch.randn(6, 2, 2, 8)
     with pytest.raises(ValueError, match="group_size"):
         prefix_decode_attention(q, pk, pk, torch.full((2,), 5), sk, sk, 1, 2)
+
+
+SPLIT_CASES = {  # (B, G, H, Hkv, S, P, Ls, Dh)
+    "gqa": (2, 3, 4, 2, 1, 150, 9, 16),
+    "g1_mha": (3, 1, 2, 2, 1, 97, 5, 8),
+    "dh_odd": (1, 5, 3, 1, 1, 200, 7, 24),
+    "s2": (2, 2, 4, 2, 2, 70, 6, 16),
+}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("case", list(SPLIT_CASES), ids=list(SPLIT_CASES))
+def test_prefix_split_matches_fp64_reference(case, splits, force_backend, poison, assert_close_2x):
+    """Flash-decoding: the prefix split across programs (ragged prompts, some splits past a short prompt's end),
+    partials merged by log-sum-exp; 3 rounds up to 4 splits."""
+    force_backend("triton")
+    q, pk, pv, plens, sk, sv, slens = _make(*SPLIT_CASES[case], ragged=True, seed=splits)
+    g = SPLIT_CASES[case][1]
+    out, lse = prefix_decode_attention(q, pk, pv, plens, sk, sv, slens, g, return_lse=True, num_splits=splits)
+    ref, ref_lse = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, slens, g, return_lse=True)
+    plain, plain_lse = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, slens, g, return_lse=True,
+                                                   dtype=torch.float32)
+    assert_close_2x(out, ref, plain, atol=1e-5, name=f"{case} out")
+    assert_close_2x(lse, ref_lse, plain_lse, atol=1e-5, name=f"{case} lse")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("groups", ["uniform", "offsets"])
+def test_suffix_length_as_device_scalar(backend, groups, force_backend, poison, assert_close_2x):
+    """What a captured decode step passes: one suffix length for all rows as a 0-dim tensor, the suffix buffer
+    longer than it (its tail must not count), and group offsets with an upper bound on the group size."""
+    force_backend(backend)
+    q, pk, pv, plens, sk, sv, _ = _make(3, 3, 6, 2, 1, 23, 11, 24, ragged=True, seed=7)
+    sk[:, :, 6:], sv[:, :, 6:] = 1e4, -1e4  # entries past the length: finite garbage the mask must drop
+    slen = torch.tensor(6)
+    if groups == "offsets":
+        keep = torch.tensor([0, 2, 6, 7, 8])
+        q, sk, sv = q[keep], sk[keep], sv[keep]
+        g, kw = torch.tensor([0, 2, 2, 5]), dict(max_group_size=3)
+    else:
+        g, kw = 3, {}
+    out = prefix_decode_attention(q, pk, pv, plens, sk, sv, slen, g, **kw)
+    ref = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, 6, g)
+    plain = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, 6, g, dtype=torch.float32)
+    assert_close_2x(out, ref, plain, atol=1e-5, name=f"{backend} {groups}")
+
+
+def test_rejects_bad_suffix_lengths_and_splits():
+    q, pk, sk = torch.randn(4, 2, 1, 8), torch.randn(2, 1, 5, 8), torch.randn(4, 1, 3, 8)
+    with pytest.raises(ValueError, match="suffix_lens"):
+        prefix_decode_attention(q, pk, pk, torch.full((2,), 5), sk, sk, torch.ones(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="num_splits"):
+        prefix_decode_attention(q, pk, pk, torch.full((2,), 5), sk, sk, 1, 2, num_splits=0)

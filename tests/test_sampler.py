@@ -10,8 +10,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+import grpo_fast.decode as decode_mod
 import grpo_fast.sampler as sampler_mod
 from grpo_fast.sampler import SharedPrefixSampler
+from grpo_fast.sampling import SamplingOptions, draw, sample_tokens
 
 PROMPTS = ["hello there", "a", "the quick brown fox jumps"]
 KW = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -205,6 +207,14 @@ def test_kv_cache_is_prefix_once_plus_preallocated_suffix(monkeypatch):
     for layer in cache.layers:
         assert layer.prefix_k.shape == layer.prefix_v.shape == (b, hkv, p, dh)
         assert layer.suffix_k.shape == layer.suffix_v.shape == (n, hkv, 7, dh)
+    # The packed prefill put each prompt's K/V in its row: the same as a plain forward of that prompt alone.
+    for i, ids in enumerate(prompt_ids):
+        with torch.no_grad():
+            ref = model(torch.tensor([ids]), use_cache=True).cache
+        for layer, ref_layer in zip(cache.layers, ref.layers):
+            torch.testing.assert_close(layer.prefix_k[i, :, : len(ids)], ref_layer.keys[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.prefix_v[i, :, : len(ids)], ref_layer.values[0], atol=1e-5, rtol=1e-5)
+            assert (layer.prefix_k[i, :, len(ids):] == 0).all()
 
 
 def test_state_restored_after_generate_and_after_error(monkeypatch):
@@ -214,7 +224,7 @@ def test_state_restored_after_generate_and_after_error(monkeypatch):
     s.generate(PROMPTS, group_size=2, max_new_tokens=3, seed=0)
     assert model.training and model.config._attn_implementation == "sdpa"
     model.eval()
-    monkeypatch.setattr(sampler_mod, "_sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(decode_mod, "sample_tokens", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         s.generate(PROMPTS, group_size=2, max_new_tokens=3, seed=0)
     assert not model.training and model.config._attn_implementation == "sdpa"
@@ -272,8 +282,9 @@ def test_sampling_distribution_matches_hf_warpers(top_k, top_p, min_p):
         ref = MinPLogitsWarper(min_p)(None, ref)
     ref = ref.softmax(-1)[0]
     rows = 40_000
-    gen = torch.Generator().manual_seed(1)
-    tok, lp, tlp = sampler_mod._sample(logits.repeat(rows, 1), 0.8, top_k, top_p, min_p, 1.0, None, gen, True)
+    u = torch.rand((rows, 1), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    opts = SamplingOptions(0.8, top_k, top_p, min_p, 1.0, want_truncated=True)
+    tok, lp, tlp = sample_tokens(logits.repeat(rows, 1), opts, None, u)
     freq = torch.bincount(tok, minlength=40).double() / rows
     assert (freq[ref == 0] == 0).all()
     assert 0.5 * (freq - ref.double()).abs().sum() < 0.02
@@ -286,7 +297,7 @@ def test_two_level_draw_matches_probabilities():
     p = torch.rand(1, 3001, generator=gen) ** 4  # not a multiple of the block width
     p[0, 5:300] = 0
     rows = 100_000
-    tok = sampler_mod._draw(p.expand(rows, -1).contiguous(), gen)
+    tok = draw(p.expand(rows, -1).contiguous(), torch.rand((rows, 1), generator=gen, dtype=torch.float64))
     freq = torch.bincount(tok, minlength=3001).double() / rows
     ref = (p[0] / p.sum()).double()
     assert freq[5:300].sum() == 0 and tok.max() < 3001
