@@ -53,8 +53,8 @@ def linear_grpo_loss(
     c·tanh(y/c) / temperature), logp[t] = log_softmax(z[t]) at targets[t] (``linear_logprobs``, chunks of
     ``chunk_size`` rows; under ``torch.autocast`` the head computes as ``nn.Linear`` does there); then
     ``grpo_loss(logp, ..., entropy=entropy)`` with ``options`` / option keywords and the per-batch arguments as
-    in ``grpo_loss``; ``top_entropy_quantile < 1`` masks the policy term with ``high_entropy_mask`` of the entropies, as TRL.
-    Gradients flow to hidden, weight and bias.
+    in ``grpo_loss``; ``top_entropy_quantile < 1`` masks the policy term with ``high_entropy_mask`` of the
+    entropies, as TRL. Gradients flow to hidden, weight and bias.
 
     Returns:
         ``(loss, metrics)``, or ``(loss, metrics, logp, entropy)`` with ``return_logp=True`` (logp and entropy

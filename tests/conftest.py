@@ -55,7 +55,8 @@ def poison(monkeypatch):
 # (tests/test_linear_grpo_loss.py::test_bound_catches_injected_bugs).
 ULPS = 8
 NUMERICS_MODULES = ("test_grpo_loss", "test_linear_grpo_loss", "test_logprob", "test_advantages",
-                    "test_prefix_attention", "test_trl_parity_loss", "test_trl_dropin", "test_shared_prefix", "test_models")
+                    "test_prefix_attention", "test_trl_parity_loss", "test_trl_dropin", "test_shared_prefix",
+                    "test_models")
 
 
 def pytest_collection_modifyitems(items):
