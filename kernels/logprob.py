@@ -561,21 +561,12 @@ def linear_logprobs(
     return (logp, entropy) if return_entropy else logp
 
 
-def linear_logprobs_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    bias: torch.Tensor | None = None,
-    return_entropy: bool = False,
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: materializes the [T, V] logits and computes in the inputs' dtype — pass float64 tensors for
-    the oracle, or the kernel's own dtype for the plain baseline. Returns float64 for float64 inputs, else float32.
-    Under ``torch.autocast`` the inputs are cast as in ``linear_logprobs``.
-    ``chunk_size`` is accepted for signature parity and ignored."""
+def linear_logprobs_ref(hidden, weight, targets, temperature=1.0, bias=None, return_entropy=False, ignore_index=-100,
+                        chunk_size=None, softcap=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``linear_logprobs``' arguments and returns, in plain PyTorch: materializes the [T, V] logits and computes in
+    the inputs' dtype — pass float64 tensors for the oracle, or the kernel's own dtype for the plain baseline.
+    Returns float64 for float64 inputs, else float32. Under ``torch.autocast`` the inputs are cast as in
+    ``linear_logprobs``. ``chunk_size`` is accepted for signature parity and ignored."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate(hidden, weight, targets, temperature, bias, chunk_size,
               (torch.float32, torch.bfloat16, torch.float16, torch.float64))  # fmt: skip
