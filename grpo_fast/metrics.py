@@ -88,3 +88,26 @@ def importable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def progress_bar(total: int, initial: int, enabled: bool = True):
+    """A tqdm bar over optimizer steps (a silent stand-in on other ranks or without tqdm)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, initial=initial, desc="GRPO", dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            pass
+    return _NoProgress()
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, d):
+        pass
+
+    def close(self):
+        pass

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 import time
 import warnings
 from collections import defaultdict
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +29,14 @@ import torch
 from grpo_fast import distributed as dist
 from grpo_fast.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from grpo_fast.config import GRPOConfig
-from grpo_fast.data import PromptEncoder, PromptOrder, is_conversational, load_rows
+from grpo_fast.data import PromptEncoder, PromptOrder, load_rows
 from grpo_fast.forward import completion_logprobs
 from grpo_fast.kernels.advantages import group_advantages
 from grpo_fast.kernels.grpo_loss import LossOptions, grpo_loss, high_entropy_mask
 from grpo_fast.memory import OOM_HINT, preflight
-from grpo_fast.metrics import MetricsLog
+from grpo_fast.metrics import MetricsLog, progress_bar
 from grpo_fast.models import load_model, prepare_tokenizer
+from grpo_fast.reward_calls import resolve_reward_funcs, reward_func_name, score
 from grpo_fast.sampler import SampleOutput, SharedPrefixSampler
 from grpo_fast.shared_prefix import PolicyBatch
 
@@ -75,28 +74,6 @@ class Rollout:
         return mb, rows
 
 
-def reward_func_name(func) -> str:
-    return getattr(func, "__name__", None) or type(func).__name__
-
-
-def check_reward_signature(func) -> None:
-    """Fails at construction, not at step 50: a reward function must accept prompts=, completions= and **kwargs."""
-    if not callable(func):
-        raise TypeError(f"reward function {func!r} is not callable")
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return
-    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    missing = [n for n in ("prompts", "completions") if n not in params and not has_var_kw]
-    if missing or not has_var_kw:
-        raise TypeError(
-            f"reward function {reward_func_name(func)!r} must have the signature "
-            f"f(prompts, completions, **kwargs) -> list[float | None]; "
-            f"got {inspect.signature(func)}" + (f" (missing {missing})" if missing else " (no **kwargs)")
-        )
-
-
 class GRPOTrainer:
     """Drop-in for ``trl.GRPOTrainer``: same argument names, config fields, reward signature and metric names."""
 
@@ -131,7 +108,7 @@ class GRPOTrainer:
         if args.bf16 and self.device.type != "cuda":
             warnings.warn(f"bf16=True has no effect on {self.device.type}: grpo_fast autocasts to bf16 on CUDA only "
                           "and trains in fp32 here; set bf16=False to silence this")
-        self.reward_funcs = self._resolve_reward_funcs(reward_funcs)
+        self.reward_funcs = resolve_reward_funcs(reward_funcs)
         self.reward_names = [reward_func_name(f) for f in self.reward_funcs]
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(
@@ -203,23 +180,6 @@ class GRPOTrainer:
         self._pending: dict[str, list[float]] = defaultdict(list)
 
     # ---------------------------------------------------------------- set-up helpers
-    def _resolve_reward_funcs(self, reward_funcs) -> list:
-        from grpo_fast.rewards import get_reward_funcs
-
-        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not funcs:
-            raise ValueError("reward_funcs is empty: give at least one reward function")
-        out = []
-        for f in funcs:
-            if isinstance(f, str):
-                out += get_reward_funcs([f])
-            elif isinstance(f, torch.nn.Module):
-                raise TypeError("reward models (nn.Module) are not supported; pass f(prompts, completions, **kwargs)")
-            else:
-                check_reward_signature(f)
-                out.append(f)
-        return out
-
     @contextlib.contextmanager
     def _reference(self):
         """The reference policy: the frozen copy, or — with PEFT — the same model with its adapters disabled (no
@@ -273,55 +233,9 @@ class GRPOTrainer:
         return prompt_ids, out
 
     def _score(self, rows: list[dict], out, group_size: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Rewards ``[N, R]`` (NaN = unscored) and counters of what went wrong, per reward function."""
-        prompts = [r["prompt"] for r in rows for _ in range(group_size)]
-        conversational = is_conversational(rows[0]["prompt"])
-        texts = out.texts
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
-        ids_list = [ids[m.bool()].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)]
-        columns = {k: [r[k] for r in rows for _ in range(group_size)] for k in rows[0] if k != "prompt"}
-        n = len(prompts)
-        rewards = torch.full((n, len(self.reward_funcs)), float("nan"))
-        counters: dict[str, float] = {}
-        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_names)):
-            values, failed = self._call_reward(func, name, prompts, completions, ids_list, columns, n)
-            rewards[:, i] = torch.tensor(values, dtype=torch.float32)
-            counters[f"rewards/{name}/failures"] = float(failed)
+        rewards, counters = score(self.reward_funcs, self.reward_names, rows, out, group_size,
+                                  self.args.reward_timeout, self.step)
         return rewards.to(self.device), counters
-
-    def _call_reward(self, func, name, prompts, completions, ids_list, columns, n) -> tuple[list[float], int]:
-        """Calls one reward function; exceptions, time-outs and non-numbers become NaN (unscored) and are counted.
-        A list of the wrong length is a bug in the function, not a bad sample: it raises."""
-        kwargs = dict(columns, completion_ids=ids_list, trainer_state={"global_step": self.step})
-        timeout = self.args.reward_timeout
-        try:
-            if timeout is None:
-                result = func(prompts=prompts, completions=completions, **kwargs)
-            else:
-                result = _call_with_timeout(func, timeout, prompts=prompts, completions=completions, **kwargs)
-        except TimeoutError:
-            warnings.warn(f"reward function {name!r} exceeded reward_timeout={timeout}s; its rewards are unscored")
-            return [math.nan] * n, n
-        except Exception as e:  # noqa: BLE001 — a crashing verifier must not kill a long run
-            warnings.warn(f"reward function {name!r} raised {type(e).__name__}: {e}; its rewards are unscored")
-            return [math.nan] * n, n
-        result = list(result)
-        if len(result) != n:
-            raise ValueError(
-                f"reward function {name!r} returned {len(result)} rewards, but {n} were expected "
-                "(one per prompt-completion pair)"
-            )
-        values, failed = [], 0
-        for r in result:
-            if r is None:
-                values.append(math.nan)
-                continue
-            try:
-                v = float(r)
-            except (TypeError, ValueError):
-                v, failed = math.nan, failed + 1
-            values.append(v)
-        return values, failed
 
     def _rollout(self) -> tuple[Rollout, dict]:
         args = self.args
@@ -497,7 +411,7 @@ class GRPOTrainer:
         prompt_tokens = max(len(self.encode(r["prompt"])) for r in self.train_rows[:64])
         self.memory_estimate = preflight(self.model, args, prompt_tokens, self.ref_model is not None)
         self.model.train()
-        progress = _progress(self.max_steps, self.step) if self.is_main else _NoProgress()
+        progress = progress_bar(self.max_steps, self.step, enabled=self.is_main)
         try:
             self._loop(progress)
         except torch.cuda.OutOfMemoryError as e:
@@ -696,27 +610,6 @@ def _concat_groups(groups: list, g: int, pad_id: int) -> SampleOutput:
     )
 
 
-def _call_with_timeout(func, timeout: float, **kwargs):
-    """Runs ``func`` in a daemon thread; a call still running after ``timeout`` seconds is abandoned (a Python
-    thread cannot be killed) and raises TimeoutError, so a hung verifier cannot stall or block the run's exit."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = func(**kwargs)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
@@ -729,23 +622,3 @@ def distinct_fraction(texts: list[str], group_size: int) -> float:
 def _nanmean(values: list[float]) -> float | None:
     valid = [v for v in values if not math.isnan(v)]
     return sum(valid) / len(valid) if valid else None
-
-
-def _progress(total: int, initial: int):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc="GRPO", dynamic_ncols=True)
-    except ImportError:  # pragma: no cover
-        return _NoProgress()
-
-
-class _NoProgress:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, d):
-        pass
-
-    def close(self):
-        pass
