@@ -152,8 +152,9 @@ class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
                     hidden = self._shared_prefix_hidden(unwrapped, ids, mask, L, chunk)  # [n, L, D]
             targets = ids[:, -L:].masked_fill(mask[:, -L:] == 0, -100)  # [n, L]
             logp, entropy = linear_logprobs(
-                hidden.reshape(rows * L, -1), head.weight, targets.reshape(-1), temperature=self.temperature / head.scale,
-                bias=head.bias, return_entropy=True, chunk_size=self.logprob_chunk_size, softcap=head.softcap,
+                hidden.reshape(rows * L, -1), head.weight, targets.reshape(-1),
+                temperature=self.temperature / head.scale, bias=head.bias, return_entropy=True,
+                chunk_size=self.logprob_chunk_size, softcap=head.softcap,
             )
             logps.append(logp.view(rows, L))
             entropies.append(entropy.view(rows, L))
