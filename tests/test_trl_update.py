@@ -5,6 +5,7 @@ parameter gradient, within the precision-aware bound against the padded path in 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -29,7 +30,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _trainer(tmp_path, kind="llama", **kw):
+def _trainer(tmp_path, kind="llama", peft_config=None, **kw):
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
                 num_generations=2, max_completion_length=5, bf16=False, gradient_checkpointing=False, seed=0)
     base.update(kw)
@@ -39,7 +40,7 @@ def _trainer(tmp_path, kind="llama", **kw):
         warnings.simplefilter("ignore")
         t = dropin.FastGRPOTrainer(str(path), [lambda completions, **k: [0.0] * len(completions)],
                                    args=GRPOConfig(**base), train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 8),
-                                   processing_class=tiny_tokenizer())
+                                   processing_class=tiny_tokenizer(), peft_config=peft_config)
     t.model.train()
     return t
 
@@ -98,13 +99,18 @@ def _run(trainer, model, inputs, shared, batch_size=None, weights_seed=1):
     return (logp * mask).detach(), (entropy * mask).detach(), grads, shapes
 
 
-def _compare(trainer, inputs, numerics, model=None, batch_size=None):
+def _fp64_copy(model):
+    # accelerate wraps the trainer's model.forward per instance: a deepcopy would keep calling the original
+    ref = copy.deepcopy(model)
+    for module in ref.modules():
+        module.__dict__.pop("forward", None)
+    return ref.double()
+
+
+def _compare(trainer, inputs, numerics, model=None, batch_size=None, ref_model=None):
     """Shared-prefix path (fp32) against TRL's math in fp64 within 2x the error of today's padded path (fp32)."""
     model = model if model is not None else trainer.model
-    # a fresh copy: accelerate wraps the trainer's model.forward per instance (a deepcopy would call the original)
-    ref_model = type(model)(model.config)
-    ref_model.load_state_dict(model.state_dict())
-    ref_model.double()
+    ref_model = ref_model if ref_model is not None else _fp64_copy(model)
     ref = _run(trainer, ref_model, inputs, shared=None)
     plain = _run(trainer, model, inputs, shared=False, batch_size=batch_size)
     ours = _run(trainer, model, inputs, shared=True, batch_size=batch_size)
@@ -178,6 +184,29 @@ def test_reference_model_no_grad(tmp_path, numerics):
     with torch.no_grad():
         ours, _ = _compare(trainer, _inputs([5, 2], [2, 2]), numerics, model=trainer.ref_model)
     assert len(ours) == 1 and ours[0][0] == 1
+
+
+def test_peft_adapters_and_adapters_disabled_reference(tmp_path, numerics):
+    """LoRA inside the base model's modules (the method unwraps ``get_base_model()``): gradients of the adapters,
+    and TRL's reference for PEFT without a ref model, the same call under ``disable_adapter()`` and no_grad."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _trainer(tmp_path, peft_config=lora)
+    model = trainer.model
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): move it so the adapters change the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    ref_model = _fp64_copy(model)
+    inputs = _inputs([5, 2], [3, 3])
+    _compare(trainer, inputs, numerics, ref_model=ref_model)
+    grads = _run(trainer, model, inputs, shared=True)[2]
+    assert grads and all("lora_" in name for name in grads)
+    with torch.no_grad(), model.disable_adapter(), ref_model.disable_adapter():
+        adapters_off = _run(trainer, model, inputs, shared=True)[0]
+        ours, _ = _compare(trainer, inputs, numerics, ref_model=ref_model)
+    assert ours == [(1, 2 * 5 + 6 * inputs[2])]
+    assert not torch.allclose(adapters_off, _run(trainer, model, inputs, shared=True)[0], atol=1e-3)
 
 
 def test_compute_loss_uses_the_packed_forward(tmp_path, monkeypatch):
