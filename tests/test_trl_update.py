@@ -166,6 +166,18 @@ def test_rows_without_shared_prompts_keep_the_padded_path(tmp_path, numerics):
     assert ours == plain == [(3, 6 + inputs[2])]
 
 
+def test_model_refusal_keeps_the_padded_path(tmp_path, monkeypatch, caplog):
+    """A model ``can_share_prefix`` refuses runs TRL's padded rows, with the reason logged once."""
+    trainer = _trainer(tmp_path)
+    monkeypatch.setattr(dropin, "can_share_prefix", lambda model, max_len: (False, "no RoPE here"))
+    inputs = _inputs([5, 2], [2, 2])
+    with caplog.at_level("WARNING", logger=dropin.__name__):
+        shapes = [_run(trainer, trainer.model, inputs, shared=True)[3] for _ in range(2)]
+    assert shapes == [[(4, 5 + inputs[2])]] * 2
+    assert [r.getMessage() for r in caplog.records].count(
+        "FastGRPOTrainer runs TRL's padded forward for log-probs: no RoPE here") == 1
+
+
 def test_gradient_checkpointing(tmp_path, numerics):
     trainer = _trainer(tmp_path, gradient_checkpointing=True)
     assert trainer.args.activation_checkpointing
