@@ -16,6 +16,15 @@ gradients on a small P; it refuses to print a speed-up otherwise. CPU timings on
 
     python benchmarks/bench_shared_prefix.py          # P in {32, 256, 1024}, 3 repeats
     python benchmarks/bench_shared_prefix.py --quick  # 1 repeat per case (the P = 1024 padded step is slow)
+
+``--trl`` measures the same thing one level up, in TRL's trainer: the policy update of
+``grpo_fast.integrations.trl.FastGRPOTrainer`` (``_compute_loss`` + backward on one minibatch of B prompts × G
+completions, TRL's left-padded inputs, ragged prompt and completion lengths) with ``use_shared_prefix_update`` on
+against off, on a random-init SmolLM2-135M-shaped model. Update time only (no generation, no optimizer step), the
+two variants interleaved, medians after a warm-up; both first run on the same batch and must give the same loss
+and gradients (relative difference < 1e-3) or no ratio is printed.
+
+    python benchmarks/bench_shared_prefix.py --trl --prompt-lens 256 --completion-len 32 --threads 2
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import git_commit, proc_status_bytes, reset_cpu_peak
+from common import git_commit, interleaved_times, load_average, proc_status_bytes, reset_cpu_peak, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("padded", "shared_prefix")
@@ -146,6 +155,93 @@ def _run(variant, P, L, G, weights, dtype, repeats, device, threads) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _trl_trainer(model, G: int, out_dir: str):
+    import warnings
+
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from grpo_fast.integrations.trl import FastGRPOTrainer
+    from grpo_fast.testing import tiny_tokenizer
+
+    args = GRPOConfig(output_dir=out_dir, use_cpu=not torch.cuda.is_available(), report_to="none", bf16=False,
+                      per_device_train_batch_size=G, num_generations=G, max_completion_length=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = FastGRPOTrainer(model, [lambda completions, **k: [0.0] * len(completions)], args=args,
+                                  train_dataset=Dataset.from_list([{"prompt": "1+1="}] * G),
+                                  processing_class=tiny_tokenizer())  # the tokenizer is unused: no generation here
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    return trainer
+
+
+def _trl_inputs(B: int, G: int, P: int, L: int, vocab: int, device: str) -> dict:
+    """TRL's minibatch: B prompts (lengths P, then shorter: left padding), each repeated G times; completions end
+    at random lengths in [L/2, L]."""
+    gen = torch.Generator().manual_seed(P)
+    lens = [P - (b * P) // (4 * B) for b in range(B)]
+    prompt_ids = torch.zeros(B * G, P, dtype=torch.long)
+    for b, n in enumerate(lens):
+        prompt_ids[b * G : (b + 1) * G, P - n :] = torch.randint(10, vocab, (n,), generator=gen)
+    ends = torch.randint(L // 2, L + 1, (B * G,), generator=gen)
+    completion_mask = (torch.arange(L)[None] < ends[:, None]).long()  # [N, L]
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": (prompt_ids != 0).long(),
+              "completion_ids": torch.randint(10, vocab, (B * G, L), generator=gen) * completion_mask,
+              "completion_mask": completion_mask, "advantages": torch.randn(B * G, generator=gen),
+              "num_items_in_batch": completion_mask.sum()}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def trl_update(args) -> None:
+    """``--trl``: FastGRPOTrainer's update with the shared-prefix forward on and off (see the module docstring)."""
+    import tempfile
+
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model, _ = _model("random", device, torch.float32)
+    trainer = _trl_trainer(model, args.group_size, tempfile.mkdtemp())
+    B, G, L = args.groups, args.group_size, args.completion_len
+
+    def update(inputs, shared: bool):
+        trainer.use_shared_prefix_update = shared
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer._compute_loss(trainer.model, inputs)
+        loss.backward()
+        return loss.detach()
+
+    small = _trl_inputs(B, G, 24, 8, model.config.vocab_size, device)
+    res = {}
+    for shared in (False, True):
+        loss = update(small, shared)
+        res[shared] = (loss, {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None})
+    grad_rel = max(((res[False][1][k] - res[True][1][k]).abs().max() / res[False][1][k].abs().max().clamp(min=1e-12))
+                   .item() for k in res[False][1])
+    ok = sorted(res[False][1]) == sorted(res[True][1]) and grad_rel < 1e-3
+    print(f"{device}  torch {torch.__version__}  transformers {transformers.__version__}  threads "
+          f"{torch.get_num_threads()}  SmolLM2-135M shape (random init), fp32, B={B} G={G} L={L}")
+    print(f"equality check (P=24, L=8): loss {res[False][0].item():.6f} vs {res[True][0].item():.6f}, max relative "
+          f"gradient difference {grad_rel:.2e} -> {'ok' if ok else 'FAILED: no ratio reported'}")
+    report = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+              "commit": git_commit(), "load": load_average(), "model": "SmolLM2-135M (random init)", "dtype": "float32",
+              "B": B, "G": G, "L": L, "threads": torch.get_num_threads(), "equality_ok": ok,
+              "max_rel_grad_diff": grad_rel, "results": []}
+    repeats = 1 if args.quick else args.repeats
+    print(f"{'P':>6} {'padded s':>9} {'shared s':>9} {'speed-up':>9}")
+    for P in args.prompt_lens:
+        inputs = _trl_inputs(B, G, P, L, model.config.vocab_size, device)
+        calls = {"padded": lambda: update(inputs, False), "shared_prefix": lambda: update(inputs, True)}
+        times = interleaved_times(calls, warmup=1, repeats=repeats, inner=1, device=device)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = med["padded"] / med["shared_prefix"] if ok else float("nan")
+        print(f"{P:>6} {med['padded']:>9.3f} {med['shared_prefix']:>9.3f} {ratio:>9.2f}")
+        report["results"].append({"P": P, "times_s": times, "median_s": med, "speedup": ratio if ok else None})
+    write_report(report, "trl_update", device, args.quick, args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
@@ -160,7 +256,12 @@ def main() -> None:
                     "steadier numbers on a machine shared with other jobs")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS + ("shared_prefix_matmul",))
     ap.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
+    ap.add_argument("--trl", action="store_true", help="time FastGRPOTrainer's update, shared-prefix forward on/off")
+    ap.add_argument("--groups", type=int, default=1, help="--trl: prompts (groups) per minibatch, B")
     args = ap.parse_args()
+    if args.trl:
+        trl_update(args)
+        return
     if args.worker:
         v, P, L, G, w, dt, reps, dev, th = args.worker
         print(json.dumps(worker(v, int(P), int(L), int(G), w, dt, int(reps), dev, int(th))))

@@ -66,6 +66,12 @@ class PolicyBatch:
     completion_ids: torch.Tensor  # [N, L]
     completion_mask: torch.Tensor  # [N, L]
     group_size: int
+    # Per-prompt position offsets (B ints), for callers that reproduce transformers' default positions over a
+    # left-padded row (TRL: no position_ids, so a prompt after k pads starts at k and every token, masked or not,
+    # advances the position). RoPE attention sees only position differences, so a shift changes rounding alone;
+    # RoPE variants that read the largest position (dynamic scaling) need the caller's exact positions.
+    # None: grpo_fast's own positions (see SharedPrefixBatch.from_policy_batch).
+    position_offsets: list[int] | None = None
 
     def __post_init__(self) -> None:
         n = self.completion_ids.shape[0]
@@ -74,6 +80,9 @@ class PolicyBatch:
                 f"completion_ids has {n} rows; expected len(prompt_ids) * group_size = "
                 f"{len(self.prompt_ids)} * {self.group_size}"
             )
+        if self.position_offsets is not None and len(self.position_offsets) != len(self.prompt_ids):
+            raise ValueError(f"position_offsets has {len(self.position_offsets)} entries; expected one per prompt "
+                             f"({len(self.prompt_ids)})")
 
 
 @dataclass
@@ -107,6 +116,8 @@ class SharedPrefixBatch:
 
         Positions match ``grpo_fast.forward.padded_inputs``: prompt token t at t, completion token t at
         ``P_b + cumsum(mask)[t] − 1`` (so tokens after a completion's end repeat its last position, as there).
+        With ``batch.position_offsets`` (o_b): prompt token t at ``o_b + t``, completion token t at ``o_b + P_b + t``
+        whatever the mask (a causal LM called without ``position_ids`` on a row left-padded by o_b tokens).
         """
         comp = batch.completion_ids  # [N, L]
         device = comp.device
@@ -125,8 +136,14 @@ class SharedPrefixBatch:
         prefix_valid = torch.arange(P, device=device)[None, :] < plen[:, None]  # [B, P]
 
         keep = batch.completion_mask.to(device=device) != 0  # [N, L]
-        comp_pos = plen.repeat_interleave(G)[:, None] + keep.long().cumsum(1) - 1  # [N, L]
-        prompt_pos = torch.arange(P, device=device).expand(B, P)  # [B, P]
+        if batch.position_offsets is None:
+            offset = torch.zeros(B, dtype=torch.long, device=device)  # [B]
+            steps = keep.long().cumsum(1) - 1  # [N, L]
+        else:
+            offset = torch.tensor(batch.position_offsets, dtype=torch.long, device=device)  # [B]
+            steps = torch.arange(L, device=device).expand(N, L)  # [N, L]
+        comp_pos = (offset + plen).repeat_interleave(G)[:, None] + steps  # [N, L]
+        prompt_pos = offset[:, None] + torch.arange(P, device=device)[None]  # [B, P]
         input_ids = torch.cat([prompts.reshape(-1), comp.to(torch.long).reshape(-1)])[None]  # [1, T]
         position_ids = torch.cat([prompt_pos.reshape(-1), comp_pos.reshape(-1)])[None]  # [1, T]
 
