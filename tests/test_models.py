@@ -76,8 +76,8 @@ def test_trl_dropin_passes_the_softcap():
     model, batch = _gemma2(2.0), _batch()
     ids, attention_mask, _, P = padded_inputs(batch, 0)
     accelerator = types.SimpleNamespace(unwrap_model=lambda m: m, autocast=contextlib.nullcontext)
-    trainer = types.SimpleNamespace(accelerator=accelerator, temperature=TEMPERATURE, logprob_chunk_size=None,
-                                    _take_sampled_logps=lambda *args: None)  # no sampler log-probs to reuse
+    trainer = object.__new__(FastGRPOTrainer)  # the real methods, without TRL's set-up
+    trainer.accelerator, trainer.temperature, trainer.num_generations = accelerator, TEMPERATURE, 2
     with torch.no_grad():
         ours, _, _ = FastGRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, attention_mask, 6)
         logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, P - 1 : -1]  # [N, L, V]
