@@ -75,6 +75,73 @@ class Rollout:
         return mb, rows
 
 
+@dataclass
+class EntropyControl:
+    """TRL 1.16's entropy bonus and its adaptive coefficient (Skywork-OR1).
+
+    The loss becomes ``L_policy − c·H / gradient_accumulation_steps``, with H the mean per-token entropy over the
+    tokens the policy term acts on (the completion mask times the high-entropy mask). Static control applies
+    ``c = entropy_coef``. Adaptive control applies ``c = coef`` only when the previous optimizer step's entropy
+    ``H_w`` (token-weighted over its whole accumulation window and over all ranks) was ``<= entropy_target``, else
+    0; at each optimizer step ``coef ← clamp(coef ± entropy_coef_delta, entropy_coef_min, entropy_coef_max)``,
+    + when ``H_w <= entropy_target``. ``H_w`` starts at +inf, so the first window applies no bonus, as in TRL."""
+
+    coef: float
+    adaptive: bool = False
+    target: float = 0.2
+    delta: float = 0.005
+    coef_min: float = 0.0
+    coef_max: float = 1.0
+    last_world_entropy: float = math.inf
+    window: torch.Tensor | None = None  # [2] (entropy sum, token count) of the current accumulation window
+
+    def __post_init__(self):
+        # fixed for the run, as TRL's _entropy_bonus_enabled: adaptive control stays on at coef 0 to recover
+        self.enabled = self.coef != 0.0 or self.adaptive
+
+    @classmethod
+    def from_config(cls, args: GRPOConfig) -> EntropyControl:
+        return cls(args.entropy_coef, args.use_adaptive_entropy, args.entropy_target, args.entropy_coef_delta,
+                   args.entropy_coef_min, args.entropy_coef_max)
+
+    def applied(self) -> float:
+        """The coefficient every minibatch of the current accumulation window multiplies H by."""
+        if self.adaptive and not self.last_world_entropy <= self.target:
+            return 0.0
+        return self.coef
+
+    def bonus(self, entropy: torch.Tensor, mask: torch.Tensor, gradient_accumulation_steps: int) -> torch.Tensor:
+        """H of one minibatch, scaled for accumulation; ``entropy`` ``[N, L]`` keeps its gradient, ``mask``
+        ``[N, L]``. Adds the minibatch to the adaptive controller's window."""
+        m = mask.to(entropy.dtype)
+        total, count = (entropy * m).sum(), m.sum()
+        if self.adaptive:
+            stats = torch.stack([total, count]).detach()  # [2]
+            self.window = stats if self.window is None else self.window + stats
+        return total / count.clamp(min=1.0) / gradient_accumulation_steps
+
+    def step(self) -> None:
+        """At an optimizer-step boundary: the window's entropy over all ranks moves the coefficient one step."""
+        if not self.adaptive or self.window is None:
+            return
+        total = dist.all_reduce_sum(self.window)
+        world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
+        if world_entropy <= self.target:
+            self.coef = min(self.coef + self.delta, self.coef_max)
+        else:
+            self.coef = max(self.coef - self.delta, self.coef_min)
+        self.last_world_entropy = world_entropy
+        self.window = None
+
+    def state(self) -> dict:
+        return {"entropy_coef": self.coef, "last_world_entropy": self.last_world_entropy}
+
+    def load(self, state: dict) -> None:
+        if self.adaptive and "entropy_coef" in state:  # TRL restores the controller in adaptive mode only
+            self.coef = state["entropy_coef"]
+            self.last_world_entropy = state["last_world_entropy"]
+
+
 def reward_func_name(func) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
 
@@ -143,6 +210,7 @@ class GRPOTrainer:
         self.encode = PromptEncoder(processing_class, args.max_prompt_length)
         self.sampler = SharedPrefixSampler(model, processing_class)
         self.loss_options = LossOptions.from_config(args)
+        self.entropy_control = EntropyControl.from_config(args)
         self.ref_model = None
         if args.beta != 0.0 and not self.is_peft:  # a frozen copy; none when beta == 0 or with PEFT
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -455,10 +523,13 @@ class GRPOTrainer:
             steps_per_generation=args.steps_per_generation,
             num_processes=self.world_size,
         )
-        if args.entropy_coef:
+        control = self.entropy_control
+        if control.enabled:
+            # TRL logs the policy term before its accumulation scaling (dapo, cispo, vespo: as backpropagated)
+            unscaled = args.loss_type not in ("dapo", "cispo", "vespo")
+            metrics["policy_loss"] = loss.detach() * (args.gradient_accumulation_steps if unscaled else 1)
             m = mb.completion_mask if entropy_mask is None else mb.completion_mask * entropy_mask
-            bonus = (entropy * m).sum() / m.sum().clamp(min=1) / args.gradient_accumulation_steps
-            loss = loss - args.entropy_coef * bonus
+            loss = loss - control.applied() * control.bonus(entropy, m, args.gradient_accumulation_steps)
         metrics.update(loss_metrics)
         return loss, metrics
 
@@ -531,6 +602,9 @@ class GRPOTrainer:
                 continue
             self._record({"loss": self._step_loss})  # what was backpropagated this optimizer step
             self._step_loss = torch.zeros(())
+            if self.entropy_control.enabled:
+                self.entropy_control.step()
+                self._record({"entropy_coef": self.entropy_control.coef})
             self._record(self._optimizer_step())
             self.step += 1
             self._record({"learning_rate": self.scheduler.get_last_lr()[0]})
@@ -606,6 +680,7 @@ class GRPOTrainer:
             "data_position": self.order.position,
             "consecutive_skips": self.consecutive_skips,
             "world_size": self.world_size,
+            **self.entropy_control.state(),
             "config": self.args.to_dict(),
         }
 
@@ -676,6 +751,7 @@ class GRPOTrainer:
         self.generation = state["generation"]
         self.order.position = state["data_position"]
         self.consecutive_skips = state["consecutive_skips"]
+        self.entropy_control.load(state)
 
 
 def _concat_groups(groups: list, g: int, pad_id: int) -> SampleOutput:
