@@ -315,6 +315,15 @@ class GRPOTrainer:
         return max(1, math.ceil(args.num_train_epochs * len(self.train_rows) / prompts_per_step))
 
     @property
+    def entropy_coef(self) -> float:
+        """TRL's attribute: the entropy bonus coefficient now (moved by adaptive control)."""
+        return self.entropy_control.coef
+
+    @entropy_coef.setter
+    def entropy_coef(self, value: float) -> None:
+        self.entropy_control.coef = value
+
+    @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
