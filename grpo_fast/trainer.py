@@ -30,6 +30,7 @@ from grpo_fast import distributed as dist
 from grpo_fast.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from grpo_fast.config import GRPOConfig
 from grpo_fast.data import PromptEncoder, PromptOrder, load_rows
+from grpo_fast.entropy_control import EntropyControl
 from grpo_fast.forward import completion_logprobs
 from grpo_fast.kernels.advantages import group_advantages
 from grpo_fast.kernels.grpo_loss import LossOptions, grpo_loss, high_entropy_mask
@@ -120,6 +121,7 @@ class GRPOTrainer:
         self.encode = PromptEncoder(processing_class, args.max_prompt_length)
         self.sampler = SharedPrefixSampler(model, processing_class)
         self.loss_options = LossOptions.from_config(args)
+        self.entropy_control = EntropyControl.from_config(args)
         self.ref_model = None
         if args.beta != 0.0 and not self.is_peft:  # a frozen copy; none when beta == 0 or with PEFT
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -205,6 +207,15 @@ class GRPOTrainer:
         prompts_per_step = args.generation_batch_size // args.num_generations / args.steps_per_generation
         prompts_per_step *= args.gradient_accumulation_steps / args.num_iterations
         return max(1, math.ceil(args.num_train_epochs * len(self.train_rows) / prompts_per_step))
+
+    @property
+    def entropy_coef(self) -> float:
+        """TRL's attribute: the entropy bonus coefficient now (moved by adaptive control)."""
+        return self.entropy_control.coef
+
+    @entropy_coef.setter
+    def entropy_coef(self, value: float) -> None:
+        self.entropy_control.coef = value
 
     @property
     def pad_id(self) -> int:
@@ -369,10 +380,13 @@ class GRPOTrainer:
             steps_per_generation=args.steps_per_generation,
             num_processes=self.world_size,
         )
-        if args.entropy_coef:
+        control = self.entropy_control
+        if control.enabled:
+            # TRL logs the policy term before its accumulation scaling (dapo, cispo, vespo: as backpropagated)
+            unscaled = args.loss_type not in ("dapo", "cispo", "vespo")
+            metrics["policy_loss"] = loss.detach() * (args.gradient_accumulation_steps if unscaled else 1)
             m = mb.completion_mask if entropy_mask is None else mb.completion_mask * entropy_mask
-            bonus = (entropy * m).sum() / m.sum().clamp(min=1) / args.gradient_accumulation_steps
-            loss = loss - args.entropy_coef * bonus
+            loss = loss - control.applied() * control.bonus(entropy, m, args.gradient_accumulation_steps)
         metrics.update(loss_metrics)
         return loss, metrics
 
@@ -445,6 +459,9 @@ class GRPOTrainer:
                 continue
             self._record({"loss": self._step_loss})  # what was backpropagated this optimizer step
             self._step_loss = torch.zeros(())
+            if self.entropy_control.enabled:
+                self.entropy_control.step()
+                self._record({"entropy_coef": self.entropy_control.coef})
             self._record(self._optimizer_step())
             self.step += 1
             self._record({"learning_rate": self.scheduler.get_last_lr()[0]})
@@ -520,6 +537,7 @@ class GRPOTrainer:
             "data_position": self.order.position,
             "consecutive_skips": self.consecutive_skips,
             "world_size": self.world_size,
+            **self.entropy_control.state(),
             "config": self.args.to_dict(),
         }
 
@@ -590,6 +608,7 @@ class GRPOTrainer:
         self.generation = state["generation"]
         self.order.position = state["data_position"]
         self.consecutive_skips = state["consecutive_skips"]
+        self.entropy_control.load(state)
 
 
 def _concat_groups(groups: list, g: int, pad_id: int) -> SampleOutput:
