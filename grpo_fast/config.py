@@ -18,9 +18,12 @@ bf16 autocast is several times slower than fp32 there and grpo_fast's CPU path i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from grpo_fast.sampler import check_sampling_options
 
 try:
     from trl import GRPOConfig as _TRLGRPOConfig
@@ -80,6 +83,23 @@ class GRPOConfig(_TRLGRPOConfig):
                 f"max_consecutive_skipped_steps must be an int >= 0; got {self.max_consecutive_skipped_steps!r}"
             )
         super().__post_init__()
+        self._check_trl_values()
+
+    def _check_trl_values(self) -> None:
+        """TRL checks few values at construction; a bad loss or sampling option would fail steps later, or not at
+        all. Each is refused here by name, with its valid values."""
+        from grpo_fast.kernels.loss_options import LossOptions
+
+        LossOptions.from_config(self)
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite float > 0 (it divides the logits); got {self.temperature!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta (the KL coefficient) must be >= 0; got {self.beta!r}")
+        mcl = self.max_completion_length
+        if isinstance(mcl, bool) or not isinstance(mcl, int) or mcl < 1:
+            raise ValueError(f"max_completion_length must be an int >= 1; got {mcl!r}")
+        check_sampling_options(self.num_generations, self.max_completion_length, self.temperature, self.top_p,
+                               self.top_k, self.min_p, self.repetition_penalty, None, None)
 
 
 #: grpo_fast's own fields and their defaults, for a trainer given TRL's own config

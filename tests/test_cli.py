@@ -30,12 +30,24 @@ def test_train_from_flags_and_config_file(tmp_path, model_dir, task_file, capsys
                       "max_completion_length: 3\nreport_to: []\ngradient_checkpointing: false\n")
     out = tmp_path / "out"
     code = main(["train", "--model", str(model_dir), "--config", str(config), "--output_dir", str(out),
-                 "--learning_rate", "1e-3", "--max_steps", "3", "--logging_steps", "1"])  # flag beats file
+                 "--learning_rate", "1e-3", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3",
+                 "--use_cpu", "true", "--eval_prompts", "2"])  # a flag beats the file
     assert code == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in json.loads((out / "log_history.json").read_text()) if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (out / "checkpoint-3" / "model.safetensors").exists()
-    assert "checkpoint:" in capsys.readouterr().out
+    assert (out / "checkpoint-3" / "trainer_state.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["reward_last5"] is not None
+    assert set(summary["eval_after"]) == {"eval_rewards/accuracy_reward/mean", "eval_reward"}
+    assert "summary:" in capsys.readouterr().out
+
+
+def test_unknown_config_key_names_the_closest(tmp_path, model_dir):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_generation: 4\n")
+    with pytest.raises(SystemExit, match="did you mean 'num_generations'"):
+        main(["train", "--model", str(model_dir), "--config", str(config), "--output_dir", str(tmp_path)])
 
 
 def test_sample_prints_the_group(model_dir, capsys):

@@ -1,249 +1,241 @@
-"""GRPOTrainer end to end on a tiny random model: it learns, logs TRL's metric names, checkpoints and resumes."""
+"""grpo_fast.GRPOTrainer end to end on a tiny random model: it is TRL's trainer (state, metrics, config), it learns,
+and grpo_fast's own options work: reward time-outs and crash isolation, skipped non-finite steps, sampling seeds,
+the metrics plot. (TRL's own tests run on it in tests/trl_compat; its seams are checked against TRL's math in
+test_trl_update.py and test_trl_sampler.py.)"""
 
-import json
+import asyncio
+import time
+import warnings
 
 import pytest
 import torch
+import trl
+from datasets import Dataset
 
-from grpo_fast.config import GRPOConfig
+from grpo_fast import GRPOConfig, GRPOTrainer
+from grpo_fast.config import OWN_DEFAULTS, own_option
 from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer
-from grpo_fast.trainer import GRPOTrainer
 
-
-def starts_with_7(prompts, completions, **kwargs):
-    return [1.0 if c.strip().startswith("7") else 0.0 for c in completions]
+PROMPTS = Dataset.from_list([{"prompt": "3+4="}, {"prompt": "2+5="}])
 
 
 def digit_reward(prompts, completions, **kwargs):
     return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
 
 
-def alternating(prompts, completions, **kwargs):
-    return [float(i % 2) for i in range(len(completions))]
+def length_reward(prompts, completions, **kwargs):
+    return [0.1 * len(c) for c in completions]
 
 
-def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=3,
-        learning_rate=3e-3,
-        max_steps=4,
-        logging_steps=1,
-        save_steps=0,
-        report_to=[],
-        seed=3,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        gradient_checkpointing=False,
-    )
+def _args(tmp_path, cls=GRPOConfig, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                max_completion_length=3, learning_rate=3e-3, max_steps=2, logging_steps=1, save_strategy="no",
+                report_to="none", seed=3, disable_tqdm=True, lr_scheduler_type="constant", gradient_checkpointing=False, use_cpu=True)
     base.update(kw)
-    return GRPOConfig(**base)
+    return cls(**base)
 
 
-def _trainer(tmp_path, rewards=(starts_with_7,), model=None, **kw):
-    rows = [{"prompt": "3+4="}, {"prompt": "2+5="}]
-    return GRPOTrainer(
-        model if model is not None else tiny_causal_lm(seed=1),
-        list(rewards),
-        args=_config(tmp_path, **kw),
-        train_dataset=rows,
-        processing_class=tiny_tokenizer(),
-    )
+def _trainer(tmp_path, rewards=(digit_reward,), model=None, dataset=PROMPTS, cls=GRPOTrainer, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(model if model is not None else tiny_causal_lm(seed=1), list(rewards), args=_args(tmp_path, **kw),
+                   train_dataset=dataset, processing_class=tiny_tokenizer())
+
+
+def _train(trainer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return [row for row in trainer.state.log_history if "reward" in row]
+
+
+def test_is_trls_trainer_and_config():
+    assert issubclass(GRPOTrainer, trl.GRPOTrainer) and issubclass(GRPOConfig, trl.GRPOConfig)
 
 
 def test_overfits_one_prompt_within_30_steps(tmp_path):
-    t = GRPOTrainer(
-        tiny_causal_lm(seed=1),
-        [digit_reward],  # the random model answers with a digit ~1 time in 8
-        args=_config(tmp_path, max_steps=30, num_generations=8, learning_rate=3e-3, max_completion_length=2),
-        train_dataset=[{"prompt": "3+4="}],
-        processing_class=tiny_tokenizer(),
-    )
-    history = t.train()
-    rewards = [row["reward"] for row in history]
+    t = _trainer(tmp_path, dataset=Dataset.from_list([{"prompt": "3+4="}]), max_steps=20, num_generations=8,
+                 max_completion_length=2)
+    rewards = [row["reward"] for row in _train(t)]
     assert rewards[0] < 0.5, "the random model should not start at the answer"
-    assert rewards[-3:] == [1.0, 1.0, 1.0], rewards
+    assert sum(rewards[-5:]) / 5 >= 0.9, rewards
+    assert t.state.global_step == 20
 
 
-def test_metric_names_match_trl(tmp_path):
-    t = _trainer(tmp_path, rewards=(starts_with_7, digit_reward), max_steps=1, beta=0.04)
-    row = t.train()[-1]
-    expected = {
-        "reward", "reward_std", "rewards/starts_with_7/mean", "rewards/starts_with_7/std",
-        "rewards/digit_reward/mean", "completions/mean_length", "completions/clipped_ratio", "kl", "entropy",
-        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "frac_reward_zero_std",
-        "grad_norm", "learning_rate", "timing/sampling_s", "timing/reward_s", "timing/update_s", "tokens_per_s",
-        "completions/distinct_frac", "loss",
-    }
-    assert expected <= set(row), expected - set(row)
-    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["step"] == 1
+def test_metric_names_are_trls_plus_ours(tmp_path):
+    path = tmp_path / "model"  # TRL builds its reference model (beta > 0) from a path
+    tiny_causal_lm(seed=1).save_pretrained(path)
+    rewards = (digit_reward, length_reward)
+    ours = _train(_trainer(tmp_path / "ours", rewards, model=str(path), max_steps=1, beta=0.04))[-1]
+    theirs = _train(_trainer(tmp_path / "trl", rewards, model=str(path), max_steps=1, beta=0.04,
+                             cls=trl.GRPOTrainer))[-1]
+    assert "kl" in ours
+    assert set(theirs) <= set(ours), set(theirs) - set(ours)
+    assert set(ours) - set(theirs) == {"skipped_steps", "rewards/digit_reward/failures",
+                                       "rewards/length_reward/failures"}
 
 
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def test_default_args_are_ours_and_trls_config_works(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = GRPOTrainer(tiny_causal_lm(), digit_reward, train_dataset=PROMPTS, processing_class=tiny_tokenizer())
+    assert type(t.args) is GRPOConfig and t.args.output_dir.endswith("-GRPO")
+    t = _trainer(tmp_path, cls=GRPOTrainer, **{})  # our config
+    theirs = _args(tmp_path, cls=trl.GRPOConfig)  # TRL's config: our options take their defaults
+    assert {name: own_option(theirs, name) for name in OWN_DEFAULTS} == OWN_DEFAULTS
+    assert t.use_shared_prefix_sampler and t.use_shared_prefix_update
 
 
-@pytest.mark.parametrize("split", [2, 3], ids=["2+2", "3+1-mid-generation"])
-def test_resume_is_bit_exact(tmp_path, split):
-    full = _trainer(tmp_path / "a", max_steps=4, num_iterations=2)
-    full.train()
-    ref = _params(full.model)
-
-    first = _trainer(tmp_path / "b", max_steps=split, num_iterations=2, save_steps=split)
-    first.train()
-    second = _trainer(tmp_path / "b", model=tiny_causal_lm(seed=99), max_steps=4, num_iterations=2, save_steps=split)
-    second.train(resume_from_checkpoint=True)
-    got = _params(second.model)
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default")
+def test_bf16_unset_is_fp32_on_cpu_and_explicit_bf16_is_kept(tmp_path):
+    assert GRPOConfig(output_dir=str(tmp_path)).bf16 is False
+    assert trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is True  # TRL's default, changed on CPUs
+    assert GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True).bf16 is True
 
 
-def test_checkpoint_loads_with_from_pretrained(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.mark.parametrize("field, value, match", [
+    ("reward_errors", "ignore", "reward_errors must be one of unscored, raise"),
+    ("reward_timeout", 0, "reward_timeout must be None or a number of seconds > 0"),
+    ("max_consecutive_skipped_steps", -1, "max_consecutive_skipped_steps must be an int >= 0"),
+])
+def test_bad_own_options_are_refused_by_name(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        GRPOConfig(output_dir=str(tmp_path), **{field: value})
 
+
+# ---------------------------------------------------------------------------------------------- reward functions
+def boom(prompts, completions, **kwargs):
+    raise RuntimeError("verifier crashed")
+
+
+def hang(prompts, completions, **kwargs):
+    time.sleep(30)
+    return [1.0] * len(prompts)
+
+
+async def async_boom(prompts, completions, **kwargs):
+    raise RuntimeError("async verifier crashed")
+
+
+async def async_hang(prompts, completions, **kwargs):
+    await asyncio.sleep(30)
+    return [1.0] * len(prompts)
+
+
+def not_numbers(prompts, completions, **kwargs):
+    return ["high" if i % 2 else 1.0 for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("bad, failures", [(boom, 8), (hang, 8), (async_boom, 8), (async_hang, 8),
+                                           (not_numbers, 4)])
+def test_bad_reward_function_is_unscored_and_counted(tmp_path, bad, failures):
+    t = _trainer(tmp_path, rewards=(digit_reward, bad), max_steps=1, reward_timeout=0.3)
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match=bad.__name__):
+        t.train()
+    assert time.perf_counter() - start < 20, "a hanging reward function must be abandoned after reward_timeout"
+    row = [r for r in t.state.log_history if "reward" in r][-1]
+    assert row[f"rewards/{bad.__name__}/failures"] == failures
+    assert row["rewards/digit_reward/failures"] == 0
+    assert row["reward"] == pytest.approx(row["rewards/digit_reward/mean"] + (
+        0.5 if bad is not_numbers else 0.0))  # the unscored rewards are left out of the sum (nansum)
+
+
+@pytest.mark.parametrize("bad, error", [(boom, RuntimeError), (hang, TimeoutError)])
+def test_reward_errors_raise_is_trls_behaviour(tmp_path, bad, error):
+    t = _trainer(tmp_path, rewards=(bad,), max_steps=1, reward_timeout=0.3, reward_errors="raise")
+    with pytest.raises(error):
+        t.train()
+
+
+def test_wrong_length_reward_list_still_raises(tmp_path):
+    def short(prompts, completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="returned 1 rewards, but 8 were expected"):
+        _trainer(tmp_path, rewards=(short,), max_steps=1).train()
+
+
+def test_guard_keeps_name_and_async(tmp_path):
+    t = _trainer(tmp_path, rewards=(digit_reward, async_boom, boom))
+    assert t.reward_func_names == ["digit_reward", "async_boom", "boom"]
+    assert [f.__name__ for f in t.reward_funcs] == t.reward_func_names
+    assert asyncio.iscoroutinefunction(t.reward_funcs[1]) and not asyncio.iscoroutinefunction(t.reward_funcs[2])
+
+
+# ---------------------------------------------------------------------------------------------- non-finite steps
+def _poison(model, steps: set[int]):
+    """NaN in the LM head's gradient on the given backward passes (1-based)."""
+    calls = {"n": 0}
+
+    def hook(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] in steps else grad
+
+    model.lm_head.weight.register_hook(hook)
+
+
+def test_nonfinite_gradient_skips_the_step(tmp_path):
+    model = tiny_causal_lm(seed=1)
+    _poison(model, {1})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = _trainer(tmp_path, model=model, max_steps=1)
+    rows = _train(t)
+    assert rows[-1]["skipped_steps"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items()), "a skipped step changed weights"
+    model = tiny_causal_lm(seed=1)
+    _poison(model, {1})
+    rows = _train(_trainer(tmp_path / "b", model=model, max_steps=3))
+    assert [r["skipped_steps"] for r in rows] == [1.0, 0.0, 0.0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
+    model = tiny_causal_lm(seed=1)
+    _poison(model, set(range(1, 100)))
+    t = _trainer(tmp_path, model=model, max_steps=10, max_consecutive_skipped_steps=2)
+    with pytest.raises(RuntimeError, match=r"3 consecutive optimizer steps had a non-finite gradient"):
+        _train(t)
+    assert t.state.global_step == 2  # the third skip raised inside step 3
+
+
+# ---------------------------------------------------------------------------------------------- seeds and plot
+def test_sampling_seeds_depend_on_seed_step_and_mode_only(tmp_path):
+    t = _trainer(tmp_path)
+    t.model.train()
+    first = t._prompt_seeds(3)
+    torch.manual_seed(123)  # the global RNG does not enter
+    assert t._prompt_seeds(3) == first and len(set(first)) == 3
+    t.state.global_step = 1
+    assert not set(t._prompt_seeds(3)) & set(first)
+    t.state.global_step = 0
+    t.model.eval()
+    assert not set(t._prompt_seeds(3)) & set(first)
+
+
+def test_sampler_receives_the_seeds(tmp_path, monkeypatch):
+    from grpo_fast.sampler import SharedPrefixSampler
+
+    seen = []
+    generate = SharedPrefixSampler.generate
+
+    def spy(self, prompts, **kw):
+        seen.append(kw["seed"])
+        return generate(self, prompts, **kw)
+
+    monkeypatch.setattr(SharedPrefixSampler, "generate", spy)
     t = _trainer(tmp_path, max_steps=1)
-    t.train()
-    path = t.save_checkpoint()
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    for k, v in _params(t.model).items():
-        assert torch.equal(model.state_dict()[k], v), k
-    assert tok.eos_token == "<eos>"
-    assert (path / "optimizer.pt").exists() and (path / "rng_state.pt").exists()
+    _train(t)
+    assert len(seen) == 1 and len(seen[0]) == 2  # two prompts, one seed each
+    t.state.global_step = 0
+    t.model.train()
+    assert seen[0] == t._prompt_seeds(2)
 
 
-def test_save_total_limit_keeps_newest(tmp_path):
-    t = _trainer(tmp_path, max_steps=3, save_steps=1, save_total_limit=2)
-    t.train()
-    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint-"))
-    assert names == ["checkpoint-2", "checkpoint-3"]
-
-
-def test_resume_refuses_changed_math(tmp_path):
-    t = _trainer(tmp_path, max_steps=1, save_steps=1)
-    t.train()
-    other = _trainer(tmp_path, max_steps=2, save_steps=1, loss_type="grpo")
-    with pytest.raises(ValueError, match="loss_type"):
-        other.train(resume_from_checkpoint=True)
-    fine = _trainer(tmp_path, max_steps=2, save_steps=1, logging_steps=2)
-    fine.train(resume_from_checkpoint=True)
-    assert fine.step == 2
-
-
-def test_reward_signature_checked_at_construction(tmp_path):
-    def bad(completions):
-        return [0.0] * len(completions)
-
-    with pytest.raises(TypeError, match="f\\(prompts, completions, \\*\\*kwargs\\)"):
-        _trainer(tmp_path, rewards=(bad,))
-
-
-def test_chat_prompts_reach_rewards_as_messages(tmp_path):
-    seen = {}
-
-    def spy(prompts, completions, answer, **kwargs):
-        seen.update(prompt=prompts[0], completion=completions[0], answer=answer[0], kw=set(kwargs))
-        return [0.0] * len(completions)
-
-    rows = [{"prompt": [{"role": "user", "content": "3+4"}], "answer": "7"}]
-    t = GRPOTrainer(
-        tiny_causal_lm(), [spy], args=_config(tmp_path, max_steps=1, per_device_train_batch_size=4),
-        train_dataset=rows, processing_class=tiny_tokenizer(),
-    )
-    t.train()
-    assert seen["prompt"] == rows[0]["prompt"]
-    assert seen["completion"][0]["role"] == "assistant"
-    assert seen["answer"] == "7"
-    assert {"completion_ids", "trainer_state"} <= seen["kw"]
-
-
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_shared_prefix_update_equals_padded_update(tmp_path, kind):
-    """One full optimizer step with each prompt forwarded once per group == the standard padded update.
-    (A large adam_epsilon keeps AdamW's first step smooth in the gradient, so fp32 rounding of near-zero gradient
-    entries cannot flip a whole ``lr``-sized update.)"""
-    results = []
-    for shared in (True, False):
-        t = _trainer(tmp_path / str(shared), model=tiny_causal_lm(kind, seed=5), max_steps=1, beta=0.04,
-                     shared_prefix_update=shared, rewards=(alternating,), adam_epsilon=1e-3)
-        row = t.train()[-1]
-        results.append((row, _params(t.model)))
-    (row_s, p_s), (row_p, p_p) = results
-    assert row_s["reward"] == row_p["reward"]  # same completions: sampling does not depend on the update path
-    assert row_p["grad_norm"] > 0
-    assert abs(row_s["grad_norm"] - row_p["grad_norm"]) <= 1e-4 * max(row_p["grad_norm"], 1e-3)
-    for k in p_p:
-        torch.testing.assert_close(p_s[k], p_p[k], rtol=1e-5, atol=2e-5, msg=k)
-
-
-def test_transformers_callbacks_are_called(tmp_path):
-    from transformers import TrainerCallback
-
-    class Recorder(TrainerCallback):
-        def __init__(self):
-            self.steps, self.logged = [], []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.steps.append(state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            self.logged.append(logs["reward"])
-
-    rec = Recorder()
-    t = GRPOTrainer(tiny_causal_lm(), [digit_reward], args=_config(tmp_path, max_steps=2),
-                    processing_class=tiny_tokenizer(), train_dataset=[{"prompt": "3+4="}], callbacks=[rec])
-    t.train()
-    assert rec.steps == [1, 2] and len(rec.logged) == 2
-
-
-def test_callback_can_stop_training(tmp_path):
-    from transformers import TrainerCallback
-
-    class StopAtTwo(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step >= 2
-
-    t = GRPOTrainer(tiny_causal_lm(), [digit_reward], args=_config(tmp_path, max_steps=5),
-                    processing_class=tiny_tokenizer(), train_dataset=[{"prompt": "3+4="}], callbacks=[StopAtTwo()])
-    t.train()
-    assert t.step == 2
-
-
-def test_minibatches_that_split_groups():
-    """per_device_train_batch_size < num_generations: a minibatch holds part of a group; each of its completions
-    carries its own prompt copy, and its log-probs equal those of the same rows forwarded as whole groups."""
-    from grpo_fast.forward import completion_logprobs
-    from grpo_fast.shared_prefix import PolicyBatch
-    from grpo_fast.trainer import Rollout
-
-    g = torch.Generator().manual_seed(0)
-    prompts = [[5, 6, 7], [8, 9]]
-    ids = torch.randint(3, 40, (8, 5), generator=g)
-    mask = torch.ones_like(ids)
-    mask[3, 2:] = 0
-    batch = PolicyBatch(prompts, ids.masked_fill(mask == 0, 0), mask, 4)
-    rollout = Rollout(batch, torch.zeros(8), torch.zeros(8, 5), None, mask.sum())
-    model = tiny_causal_lm(seed=2)
-    with torch.no_grad():
-        whole, _ = completion_logprobs(model, batch, 0, 0.9, False)
-        parts = []
-        for k in range(4):  # minibatches of 2 rows: half a group each
-            mb, rows = rollout.minibatch(k, 4)
-            assert mb.group_size == 1 and rows == slice(2 * k, 2 * k + 2)
-            assert mb.prompt_ids == [prompts[(2 * k) // 4]] * 2
-            parts.append(completion_logprobs(model, mb, 0, 0.9, False)[0])
-    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=1e-5)
-
-
-def test_trainer_runs_with_split_groups(tmp_path):
-    cfg = _config(tmp_path, per_device_train_batch_size=2, steps_per_generation=4, max_steps=2)
-    trainer = GRPOTrainer(tiny_causal_lm(), [alternating], args=cfg, train_dataset=[{"prompt": "3+4="}] * 4,
-                          processing_class=tiny_tokenizer())
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    history = trainer.train()
-    assert [row["step"] for row in history if "loss" in row] == [1, 2]
-    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in history if "loss" in row)
-    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+def test_plot_is_written_unless_off(tmp_path):
+    pytest.importorskip("matplotlib")
+    _train(_trainer(tmp_path / "on", max_steps=2))
+    assert (tmp_path / "on" / "out" / "metrics.png").stat().st_size > 1000
+    _train(_trainer(tmp_path / "off", max_steps=1, plot=False))
+    assert not (tmp_path / "off" / "out" / "metrics.png").exists()

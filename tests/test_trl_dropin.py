@@ -1,4 +1,5 @@
-"""FastGRPOTrainer vs TRL's GRPOTrainer: the same loss and gradients on the same batch, and proof our ops ran."""
+"""FastGRPOTrainer (grpo_fast.GRPOTrainer's base) vs TRL's GRPOTrainer: the same loss and gradients on the same
+batch, and proof our ops ran."""
 
 import warnings
 
@@ -148,8 +149,12 @@ def test_same_loss_and_gradients_as_trl(tmp_path, loss_type, beta, off_policy, m
             numerics.check_2x(ours, ref, plain, name=key, dtype=torch.float32)
 
 
-def test_fast_trainer_trains_a_step(tmp_path):
-    _, fast = _trainers(tmp_path, max_steps=1, loss_type="dapo")
+@pytest.mark.parametrize("cls", ["FastGRPOTrainer", "grpo_fast.GRPOTrainer"])
+def test_fast_trainer_trains_a_step(tmp_path, cls):
+    import grpo_fast
+
+    trainer_cls = dropin.FastGRPOTrainer if cls == "FastGRPOTrainer" else grpo_fast.GRPOTrainer
+    (fast,) = _trainers(tmp_path, (trainer_cls,), max_steps=1, loss_type="dapo")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast.train()
