@@ -2,16 +2,15 @@
 random-init model, launched alone or under ``torch.distributed.run`` (gloo on the CPU, through accelerate).
 
     python tests/dist_worker.py OUT_DIR [--trainer fast|trl] [--steps 3] [--fsdp] [--no_sampler] [--no_update]
-        [--content_seeds] [--reseed] [--save_steps N] [--resume] [--lora]
+        [--global_seeds] [--reseed] [--save_steps N] [--resume] [--lora] [--prompts 8]
 
 writes OUT_DIR/final.pt (rank 0): the full parameters, TRL's log history and the largest parameter difference
 between ranks (0 unless replicas drifted apart).
 
 Two test-only seedings make generation comparable across runs (the trained code is untouched):
-- ``--content_seeds``: the shared-prefix sampler gets one seed per prompt from (prompt tokens, global step), so a
-  completion does not depend on which rank drew its prompt or what else is in the rank's batch. Without it the
-  sampler draws its seed from the global torch RNG, which TRL seeds per rank (``set_seed(seed,
-  device_specific=True)``), so 1 rank and 2 ranks sample different completions.
+- ``--global_seeds``: the sampler's per-prompt seeds are keyed by the prompt's index in the global batch (rank ·
+  prompts per rank + local index) instead of GRPOTrainer's (rank, local index), so a completion does not depend on
+  how many ranks share the batch: 2 ranks x b then sample exactly what 1 rank x 2b samples.
 - ``--reseed``: the global torch RNG is reset from (rank, global step) before each generation, so TRL's generate
   samples the same completions in TRL's trainer and ours (whose group shuffle draws fewer random numbers than TRL's
   row shuffle, which would otherwise shift the next step's samples).
@@ -20,18 +19,17 @@ Two test-only seedings make generation comparable across runs (the trained code 
 import argparse
 import os
 import warnings
-import zlib
 
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer as TRLGRPOTrainer
 
-from grpo_fast.integrations.trl import FastGRPOTrainer
-from grpo_fast.sampler import SharedPrefixSampler
+from grpo_fast import GRPOConfig, GRPOTrainer
 from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 
-PROMPTS = ("3+4=", "12+5=", "7*8=", "1+1=", "9-2=", "6/3=", "20+7=", "5*5=")
+PROMPTS = [f"{a}{op}{b}=" for a, b in ((3, 4), (12, 5), (7, 8), (1, 1), (9, 2), (6, 3), (20, 7), (5, 5))
+           for op in "+*"]
 GLOBAL_COMPLETIONS = 16  # 4 prompts x G = 4 per optimizer step, split over the ranks
 
 
@@ -40,21 +38,15 @@ def odd_digits(prompts, completions, **kw):
     return [sum(ch in "13579" for ch in c) / (1 + len(c)) for c in completions]
 
 
-_STEP = [0]
-
-
-def _content_seeded(generate):
-    def wrapped(self, prompts, *args, seed=None, **kwargs):
-        seed = [zlib.crc32(repr((list(p), _STEP[0])).encode()) for p in prompts]
-        return generate(self, prompts, *args, seed=seed, **kwargs)
-
-    return wrapped
-
-
-def _make_class(base, reseed: bool):
+def _make_class(base, reseed: bool, global_seeds: bool):
     class Worker(base):
+        def _prompt_seeds(self, count):
+            if not global_seeds:
+                return super()._prompt_seeds(count)
+            base = (self.args.seed * 1_000_003 + self.state.global_step) * 2 + int(self.model.training)
+            return [base * 1_000_003 + self.accelerator.process_index * count + i for i in range(count)]
+
         def _generate_single_turn(self, *args, **kwargs):
-            _STEP[0] = self.state.global_step
             if reseed:
                 torch.manual_seed(1000 * self.state.global_step + self.accelerator.process_index)
             return super()._generate_single_turn(*args, **kwargs)
@@ -74,14 +66,13 @@ def main():
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--no_sampler", action="store_true", help="use_shared_prefix_sampler = False")
     p.add_argument("--no_update", action="store_true", help="use_shared_prefix_update = False")
-    p.add_argument("--content_seeds", action="store_true")
+    p.add_argument("--global_seeds", action="store_true")
     p.add_argument("--reseed", action="store_true")
     p.add_argument("--lora", action="store_true")
+    p.add_argument("--prompts", type=int, default=8, help="dataset size; 4 prompts per optimizer step")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
-    if args.content_seeds:
-        SharedPrefixSampler.generate = _content_seeded(SharedPrefixSampler.generate)
     fsdp = {}
     if args.fsdp:
         fsdp = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
@@ -91,17 +82,15 @@ def main():
         max_steps=args.steps, logging_steps=1, save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500, report_to="none", seed=0, gradient_checkpointing=False, warmup_steps=0,
         loss_type=args.loss_type, beta=args.beta, adam_epsilon=1e-3, lr_scheduler_type="constant",
-        disable_tqdm=True, **fsdp,
+        disable_tqdm=True, plot=False, use_shared_prefix_sampler=not args.no_sampler,
+        use_shared_prefix_update=not args.no_update, **fsdp,
     )
     peft_config = None
     if args.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    cls = _make_class(FastGRPOTrainer if args.trainer == "fast" else GRPOTrainer, args.reseed)
-    if args.trainer == "fast":
-        cls.use_shared_prefix_sampler = not args.no_sampler
-        cls.use_shared_prefix_update = not args.no_update
+    cls = _make_class(GRPOTrainer if args.trainer == "fast" else TRLGRPOTrainer, args.reseed, args.global_seeds)
     path = os.path.join(args.out, "init")  # TRL builds its reference model (beta > 0) from a path
     if int(os.environ.get("RANK", "0")) == 0 and not os.path.exists(path):
         tiny_causal_lm(seed=4).save_pretrained(path)
@@ -109,7 +98,7 @@ def main():
         dist.barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = cls(path, [odd_digits], args=cfg, train_dataset=Dataset.from_list([{"prompt": q} for q in PROMPTS]),
+        t = cls(path, [odd_digits], args=cfg, train_dataset=Dataset.from_list([{"prompt": q} for q in PROMPTS[: args.prompts]]),
                 processing_class=tiny_tokenizer(), peft_config=peft_config)
         t.train(resume_from_checkpoint=args.resume or None)
     model = t.accelerator.unwrap_model(t.model)
