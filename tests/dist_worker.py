@@ -98,8 +98,9 @@ def main():
         dist.barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = cls(path, [odd_digits], args=cfg, train_dataset=Dataset.from_list([{"prompt": q} for q in PROMPTS[: args.prompts]]),
-                processing_class=tiny_tokenizer(), peft_config=peft_config)
+        data = Dataset.from_list([{"prompt": q} for q in PROMPTS[: args.prompts]])
+        t = cls(path, [odd_digits], args=cfg, train_dataset=data, processing_class=tiny_tokenizer(),
+                peft_config=peft_config)
         t.train(resume_from_checkpoint=args.resume or None)
     model = t.accelerator.unwrap_model(t.model)
     sharded = any(type(q).__name__ == "DTensor" for q in model.parameters())

@@ -62,7 +62,8 @@ def assert_trained(result: dict):
     assert moved > len(init) // 2, "the run must actually train"
 
 
-@pytest.mark.parametrize("flags", [[], ["--loss_type", "grpo", "--no_update"]], ids=["dapo-shared-prefix", "grpo-padded"])
+@pytest.mark.parametrize("flags", [[], ["--loss_type", "grpo", "--no_update"]],
+                         ids=["dapo-shared-prefix", "grpo-padded"])
 def test_two_ranks_match_one_rank(tmp_path, flags):
     one = run_worker(tmp_path / "one", 1, "--global_seeds", *flags)
     two = run_worker(tmp_path / "two", 2, "--global_seeds", *flags)
