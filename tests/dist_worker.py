@@ -1,7 +1,19 @@
-"""Worker for tests/test_distributed.py: a short GRPO run on a tiny model, launched alone or under torchrun.
+"""Worker for tests/test_distributed.py and tests/test_peft.py: a short GRPO run of TRL's trainer or ours on a tiny
+random-init model, launched alone or under ``torch.distributed.run`` (gloo on the CPU, through accelerate).
 
-    python tests/dist_worker.py OUT_DIR [--steps 2] [--resume] [--fsdp]
-writes OUT_DIR/final.pt (rank 0): parameters and the logged rows.
+    python tests/dist_worker.py OUT_DIR [--trainer fast|trl] [--steps 3] [--fsdp] [--no_sampler] [--no_update]
+        [--global_seeds] [--reseed] [--save_steps N] [--resume] [--lora] [--prompts 8]
+
+writes OUT_DIR/final.pt (rank 0): the full parameters, TRL's log history and the largest parameter difference
+between ranks (0 unless replicas drifted apart).
+
+Two test-only seedings make generation comparable across runs (the trained code is untouched):
+- ``--global_seeds``: the sampler's per-prompt seeds are keyed by the prompt's index in the global batch (rank ·
+  prompts per rank + local index) instead of GRPOTrainer's (rank, local index), so a completion does not depend on
+  how many ranks share the batch: 2 ranks x b then sample exactly what 1 rank x 2b samples.
+- ``--reseed``: the global torch RNG is reset from (rank, global step) before each generation, so TRL's generate
+  samples the same completions in TRL's trainer and ours (whose group shuffle draws fewer random numbers than TRL's
+  row shuffle, which would otherwise shift the next step's samples).
 """
 
 import argparse
@@ -9,56 +21,101 @@ import os
 import warnings
 
 import torch
+import torch.distributed as dist
+from datasets import Dataset
+from trl import GRPOTrainer as TRLGRPOTrainer
 
-from grpo_fast.config import GRPOConfig
+from grpo_fast import GRPOConfig, GRPOTrainer
 from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer
-from grpo_fast.trainer import GRPOTrainer
 
-ROWS = [{"prompt": p} for p in ("3+4=", "12+5=", "7*8=", "1+1=")]
+PROMPTS = [f"{a}{op}{b}=" for a, b in ((3, 4), (12, 5), (7, 8), (1, 1), (9, 2), (6, 3), (20, 7), (5, 5))
+           for op in "+*"]
 GLOBAL_COMPLETIONS = 16  # 4 prompts x G = 4 per optimizer step, split over the ranks
 
 
-def alternating_len(prompts, completions, **kw):
-    return [float(len(c) % 2) for c in completions]
+def odd_digits(prompts, completions, **kw):
+    """Deterministic in the completion's characters."""
+    return [sum(ch in "13579" for ch in c) / (1 + len(c)) for c in completions]
+
+
+def _make_class(base, reseed: bool, global_seeds: bool):
+    class Worker(base):
+        def _prompt_seeds(self, count):
+            if not global_seeds:
+                return super()._prompt_seeds(count)
+            base = (self.args.seed * 1_000_003 + self.state.global_step) * 2 + int(self.model.training)
+            return [base * 1_000_003 + self.accelerator.process_index * count + i for i in range(count)]
+
+        def _generate_single_turn(self, *args, **kwargs):
+            if reseed:
+                torch.manual_seed(1000 * self.state.global_step + self.accelerator.process_index)
+            return super()._generate_single_turn(*args, **kwargs)
+
+    return Worker
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--trainer", choices=["fast", "trl"], default="fast")
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--save_steps", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--loss_type", default="dapo")
+    p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--fsdp", action="store_true")
-    p.add_argument("--tie", action="store_true", help="tied input/output embeddings")
-    p.add_argument("--gc", action="store_true", help="gradient checkpointing")
-    p.add_argument("--eval", action="store_true", help="greedy evaluation after every step")
+    p.add_argument("--no_sampler", action="store_true", help="use_shared_prefix_sampler = False")
+    p.add_argument("--no_update", action="store_true", help="use_shared_prefix_update = False")
+    p.add_argument("--global_seeds", action="store_true")
+    p.add_argument("--reseed", action="store_true")
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--prompts", type=int, default=8, help="dataset size; 4 prompts per optimizer step")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
+    fsdp = {}
+    if args.fsdp:
+        fsdp = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
     cfg = GRPOConfig(
-        output_dir=args.out, per_device_train_batch_size=GLOBAL_COMPLETIONS // world, num_generations=4,
-        max_completion_length=4, learning_rate=1e-3, max_steps=args.steps, logging_steps=1,
-        save_steps=args.save_steps, report_to=[], seed=0, gradient_checkpointing=args.gc, warmup_steps=0,
-        loss_type=args.loss_type, beta=0.04, adam_epsilon=1e-3, lr_scheduler_type="constant",
-        fsdp="full_shard" if args.fsdp else None, eval_steps=1 if args.eval else None,
+        output_dir=args.out, use_cpu=True, bf16=False, per_device_train_batch_size=GLOBAL_COMPLETIONS // world,
+        num_generations=4, max_completion_length=4, learning_rate=1e-2 if args.lora else 1e-3,
+        max_steps=args.steps, logging_steps=1, save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500, report_to="none", seed=0, gradient_checkpointing=False, warmup_steps=0,
+        loss_type=args.loss_type, beta=args.beta, adam_epsilon=1e-3, lr_scheduler_type="constant",
+        disable_tqdm=True, plot=False, use_shared_prefix_sampler=not args.no_sampler,
+        use_shared_prefix_update=not args.no_update, **fsdp,
     )
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    cls = _make_class(GRPOTrainer if args.trainer == "fast" else TRLGRPOTrainer, args.reseed, args.global_seeds)
+    path = os.path.join(args.out, "init")  # TRL builds its reference model (beta > 0) from a path
+    if int(os.environ.get("RANK", "0")) == 0 and not os.path.exists(path):
+        tiny_causal_lm(seed=4).save_pretrained(path)
+    if world > 1:  # GRPOConfig (TrainingArguments) has set up the process group through accelerate
+        dist.barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = GRPOTrainer(tiny_causal_lm(seed=4, tie=args.tie), [alternating_len], args=cfg, train_dataset=ROWS,
-                        eval_dataset=ROWS if args.eval else None, processing_class=tiny_tokenizer())
-        history = t.train(resume_from_checkpoint=args.resume or None)
-    if t.sharded:  # every rank gathers the full weights
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(t.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        state = t.model.state_dict()
-    if t.is_main:
-        params = {k: v.detach().clone() for k, v in state.items()}
-        sharded = [type(p).__name__ == "DTensor" for p in t.model.parameters()]
-        torch.save({"params": params, "history": history, "sharded": all(sharded) and bool(sharded)},
-                   os.path.join(args.out, "final.pt"))
+        data = Dataset.from_list([{"prompt": q} for q in PROMPTS[: args.prompts]])
+        t = cls(path, [odd_digits], args=cfg, train_dataset=data, processing_class=tiny_tokenizer(),
+                peft_config=peft_config)
+        t.train(resume_from_checkpoint=args.resume or None)
+    model = t.accelerator.unwrap_model(t.model)
+    sharded = any(type(q).__name__ == "DTensor" for q in model.parameters())
+    state = t.accelerator.get_state_dict(t.model)  # full weights on rank 0 (gathered under FSDP)
+    drift = 0.0
+    if world > 1 and not sharded:  # replicas must stay identical
+        flat = torch.cat([q.detach().flatten() for q in model.parameters()])
+        others = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(others, flat)
+        drift = max((o - flat).abs().max().item() for o in others)
+    if t.accelerator.is_main_process:
+        params = {k: v.detach().clone().cpu() for k, v in state.items()}
+        torch.save({"params": params, "history": t.state.log_history, "sharded": sharded, "drift": drift,
+                    "ref_model": t.ref_model is not None}, os.path.join(args.out, "final.pt"))
+    t.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,17 @@
-"""Data parallel over prompts with torchrun on the gloo backend: 2 ranks == 1 rank on the same global batch, with
-replicated weights (DDP semantics) and with FSDP2 full sharding (``fsdp="full_shard"``, which runs on CPU/gloo in
-the pinned torch); checkpoints written by 2 ranks resume on 1 and load in Hugging Face."""
+"""GRPOTrainer across processes, as TRL runs it: ``torch.distributed.run`` with 2 ranks on the CPU (accelerate's
+MULTI_CPU, gloo, DDP), and checkpoint resume through transformers' ``train(resume_from_checkpoint=...)``.
+
+Why the seeding in these tests (tests/dist_worker.py has the switches):
+- 2 ranks x b vs 1 rank x 2b: TRL splits each global batch of whole groups over the ranks (the same prompts in
+  total), gathers rewards before the group normalization and DDP averages the gradients, so the update is the same
+  *if the completions are*. GRPOTrainer's sampling seeds are keyed by (rank, prompt index on the rank), so they
+  change with the world size; ``--global_seeds`` keys them by the prompt's index in the global batch instead, and
+  then the comparison is exact up to float rounding. TRL's own generate draws from a per-rank global RNG
+  (``set_seed(seed, device_specific=True)``), so for TRL's generation path we compare our trainer with TRL's
+  trainer on 2 ranks, generation reseeded identically in both (``--reseed``).
+- FSDP: accelerate 1.15 selects FSDP only for GPU-like distributed types (``AcceleratorState``), so on
+  MULTI_CPU ``fsdp="full_shard"`` trains as DDP; that test runs the comparison and then skips, saying so.
+"""
 
 import os
 import subprocess
@@ -10,87 +21,88 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("trl")
+
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
 
-def _run(out: Path, ranks: int, *extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run_worker(out: Path, ranks: int, *extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
     if ranks == 1:
         cmd = [sys.executable, WORKER, str(out), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
                str(29500 + os.getpid() % 1000), WORKER, str(out), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out / "final.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_two_ranks_match_one_rank(tmp_path, loss_type):
-    one = _run(tmp_path / "one", 1, "--loss_type", loss_type)
-    two = _run(tmp_path / "two", 2, "--loss_type", loss_type)
-    for a, b in zip(one["history"], two["history"]):
-        assert a["reward"] == b["reward"], "completions must not depend on the number of ranks"
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
-    for k, v in one["params"].items():
-        torch.testing.assert_close(two["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+def _steps(result: dict) -> list[dict]:
+    return [row for row in result["history"] if "loss" in row]
 
 
-def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
-    ref = _run(tmp_path / "ref", 1, "--steps", "3")
-    out = tmp_path / "run"
-    _run(out, 2, "--steps", "2", "--save_steps", "2")
-    assert (out / "checkpoint-2" / "model.safetensors").exists()
-    resumed = _run(out, 1, "--steps", "3", "--resume")
-    for k, v in ref["params"].items():
-        torch.testing.assert_close(resumed["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+def assert_same_run(a: dict, b: dict, rtol=1e-5, atol=1e-6):
+    """Same rewards every step (same completions), same loss, same final parameters, all finite."""
+    rows_a, rows_b = _steps(a), _steps(b)
+    assert len(rows_a) == len(rows_b) >= 2
+    for x, y in zip(rows_a, rows_b):
+        assert x["reward"] == y["reward"], "the runs sampled different completions"
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-7)
+    for k, v in a["params"].items():
+        assert torch.isfinite(v).all(), k
+        torch.testing.assert_close(b["params"][k], v, rtol=rtol, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("flags", [[], ["--tie"], ["--gc", "--eval"]], ids=["untied", "tied", "checkpointing-eval"])
-def test_fsdp_two_ranks_match_one_rank(tmp_path, flags):
-    tie = "--tie" in flags
-    one = _run(tmp_path / "one", 1, *flags)
-    two = _run(tmp_path / "two", 2, "--fsdp", *flags)
-    assert two["sharded"] and not one["sharded"], "the 2-rank run must hold DTensor (sharded) parameters"
-    assert len(one["history"]) == len(two["history"]) >= 2
-    for a, b in zip(one["history"], two["history"]):
-        assert a.get("reward") == b.get("reward") and a.get("eval_reward") == b.get("eval_reward")
-        assert a.keys() == b.keys()
-        if "loss" in a:
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
-    if "--eval" in flags:
-        assert any("eval_reward" in row for row in two["history"])
-    for k, v in one["params"].items():
-        torch.testing.assert_close(two["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
-    init = _initial_params(tie)
-    moved = sum(not torch.equal(init[k], v) for k, v in one["params"].items() if k in init)
+def assert_trained(result: dict):
+    from grpo_fast.testing import tiny_causal_lm
+
+    init = tiny_causal_lm(seed=4).state_dict()
+    moved = sum(not torch.equal(init[k], v) for k, v in result["params"].items())
     assert moved > len(init) // 2, "the run must actually train"
 
 
-def _initial_params(tie: bool) -> dict:
-    from grpo_fast.testing import tiny_causal_lm
+@pytest.mark.parametrize("flags", [[], ["--loss_type", "grpo", "--no_update"]],
+                         ids=["dapo-shared-prefix", "grpo-padded"])
+def test_two_ranks_match_one_rank(tmp_path, flags):
+    one = run_worker(tmp_path / "one", 1, "--global_seeds", *flags)
+    two = run_worker(tmp_path / "two", 2, "--global_seeds", *flags)
+    assert two["drift"] == 0.0, "DDP replicas drifted apart: gradients were not all-reduced"
+    assert_same_run(one, two)
+    assert_trained(one)
 
-    return {k: v.detach().clone() for k, v in tiny_causal_lm(seed=4, tie=tie).state_dict().items()}
+
+def test_two_ranks_match_trl_on_two_ranks(tmp_path):
+    """TRL's generation (global RNG per rank), our fused log-probs, shared-prefix update and loss vs TRL's."""
+    ours = run_worker(tmp_path / "ours", 2, "--reseed", "--no_sampler")
+    trl = run_worker(tmp_path / "trl", 2, "--reseed", "--trainer", "trl")
+    assert ours["drift"] == trl["drift"] == 0.0
+    assert_same_run(trl, ours)
+    assert_trained(ours)
 
 
-def test_fsdp_checkpoint_resumes_on_one_rank_and_loads_in_hf(tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_fsdp_two_ranks_match_one_rank(tmp_path):
+    one = run_worker(tmp_path / "one", 1, "--global_seeds")
+    two = run_worker(tmp_path / "two", 2, "--global_seeds", "--fsdp")
+    assert_same_run(one, two)
+    if not two["sharded"]:
+        pytest.skip("accelerate runs MULTI_CPU without FSDP (fsdp='full_shard' trained as DDP): FSDP needs GPUs")
 
-    ref = _run(tmp_path / "ref", 1, "--steps", "3")
-    out = tmp_path / "run"
-    at_two = _run(out, 2, "--fsdp", "--steps", "2", "--save_steps", "2")
-    ckpt = out / "checkpoint-2"
-    hf = AutoModelForCausalLM.from_pretrained(ckpt)
-    assert type(hf).__name__ == "LlamaForCausalLM"
-    for k, v in at_two["params"].items():
-        torch.testing.assert_close(hf.state_dict()[k], v, rtol=0, atol=0, msg=k)
-    assert hf.config.architectures == ["LlamaForCausalLM"]
-    assert isinstance(next(iter(torch.load(ckpt / "optimizer.pt", weights_only=False)["state"])), str)
-    resumed = _run(out, 1, "--steps", "3", "--resume")  # unsharded, one process
-    for k, v in ref["params"].items():
-        torch.testing.assert_close(resumed["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
-    again = tmp_path / "again"  # and a plain checkpoint resumes sharded
-    _run(again, 1, "--steps", "2", "--save_steps", "2")
-    resumed2 = _run(again, 2, "--fsdp", "--steps", "3", "--resume")
-    for k, v in ref["params"].items():
-        torch.testing.assert_close(resumed2["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+def test_resume_is_bit_exact(tmp_path):
+    """4 steps straight == 2 steps, checkpoint, resume to 4: counter-based sampling seeds, TRL's data skip and
+    transformers' RNG/optimizer restore give the same bits (the resume point is inside the first epoch)."""
+    straight = run_worker(tmp_path / "straight", 1, "--steps", "4", "--prompts", "16")
+    run_worker(tmp_path / "split", 1, "--steps", "2", "--save_steps", "2", "--prompts", "16")
+    assert (tmp_path / "split" / "checkpoint-2" / "model.safetensors").exists()
+    resumed = run_worker(tmp_path / "split", 1, "--steps", "4", "--resume", "--prompts", "16")
+    assert_same_run(straight, resumed, rtol=0, atol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="TRL 1.16's RepeatSampler has no set_epoch: its generator restarts on "
+                   "resume, so the epochs after the resume point see the first epoch's prompt order")
+def test_resume_across_an_epoch_boundary_is_bit_exact(tmp_path):
+    straight = run_worker(tmp_path / "straight", 1, "--steps", "4", "--prompts", "8")
+    run_worker(tmp_path / "split", 1, "--steps", "2", "--save_steps", "2", "--prompts", "8")
+    resumed = run_worker(tmp_path / "split", 1, "--steps", "4", "--resume", "--prompts", "8")
+    assert_same_run(straight, resumed, rtol=0, atol=0)

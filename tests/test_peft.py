@@ -1,54 +1,48 @@
-"""PEFT/LoRA as TRL users run it: adapters train, the base stays frozen, the reference is the base (adapters off)."""
+"""PEFT/LoRA as TRL runs it (``peft_config=``): only the adapters train, the base weights stay as loaded, and with
+beta > 0 the reference log-probs come from the same model with its adapters disabled (no second copy), through our
+fused log-prob path. Runs tests/dist_worker.py in one process."""
 
-import warnings
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft")
 
-from grpo_fast.config import GRPOConfig  # noqa: E402
-from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
-from grpo_fast.trainer import GRPOTrainer  # noqa: E402
+from grpo_fast.testing import tiny_causal_lm  # noqa: E402
 
-
-def alternating(prompts, completions, **kw):
-    return [float(i % 2) for i in range(len(completions))]
-
-
-def _trainer(tmp_path, **kw):
-    cfg = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-                     max_completion_length=3, learning_rate=1e-2, max_steps=2, logging_steps=1, report_to=[],
-                     beta=0.04, gradient_checkpointing=False, lr_scheduler_type="constant", **kw)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return GRPOTrainer(tiny_causal_lm(seed=3), [alternating], args=cfg, processing_class=tiny_tokenizer(),
-                       train_dataset=[{"prompt": "3+4="}, {"prompt": "5+6="}], peft_config=lora)
+_spec = importlib.util.spec_from_file_location("_dist_tests", Path(__file__).with_name("test_distributed.py"))
+_dist = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_dist)
+run_worker, assert_same_run = _dist.run_worker, _dist.assert_same_run
 
 
-def test_lora_trains_adapters_and_uses_base_as_reference(tmp_path):
-    t = _trainer(tmp_path)
-    assert t.ref_model is None, "no second copy of the weights"
-    before = {k: v.clone() for k, v in t.model.named_parameters()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        history = t.train()
-    changed = {k for k, v in t.model.named_parameters() if not torch.equal(v, before[k])}
-    assert changed and all("lora_" in k for k in changed), changed
-    assert history[0]["kl"] == 0.0  # LoRA starts as the identity: policy == reference
-    assert history[1]["kl"] > 0.0  # after an update the adapters move the policy away from the base
+def _base_key(key: str) -> str:
+    return key.removeprefix("base_model.model.").replace(".base_layer", "")
 
 
-def test_lora_checkpoint_resumes(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = _trainer(tmp_path / "a", save_steps=0)
-        full.max_steps = 3
-        full.train()
-        first = _trainer(tmp_path / "b", save_steps=2)
-        first.train()
-        assert (tmp_path / "b" / "checkpoint-2" / "adapter_model.safetensors").exists()
-        second = _trainer(tmp_path / "b", save_steps=2)
-        second.max_steps = 3
-        second.train(resume_from_checkpoint=True)
-    for (k, a), (_, b) in zip(full.model.named_parameters(), second.model.named_parameters()):
-        torch.testing.assert_close(b, a, msg=k)
+def test_lora_trains_only_adapters_against_the_adapter_off_reference(tmp_path):
+    out = run_worker(tmp_path / "ours", 1, "--lora", "--steps", "3")
+    assert not out["ref_model"], "LoRA's reference is the base with adapters off, not a second model"
+    init = tiny_causal_lm(seed=4).state_dict()
+    lora = {k: v for k, v in out["params"].items() if "lora_" in k}
+    base = {_base_key(k): v for k, v in out["params"].items() if "lora_" not in k}
+    assert base.keys() == init.keys()
+    for k, v in init.items():
+        assert torch.equal(base[k], v), f"base weight {k} changed"
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in lora.items() if "lora_B" in k), "adapters moved"
+    kl = [row["kl"] for row in out["history"] if "kl" in row]
+    assert kl[0] == 0.0, "LoRA starts as the identity: policy == reference"
+    assert all(k > 0 for k in kl[1:]), "the reference must stay the adapter-off base while the adapters move"
+
+
+def test_lora_matches_trl(tmp_path):
+    """TRL's generation (reseeded identically), our fused log-probs (policy and adapter-off reference), shared-
+    prefix update and loss vs TRL's own trainer: same KL, loss and adapter weights."""
+    ours = run_worker(tmp_path / "ours", 1, "--lora", "--reseed", "--no_sampler")
+    trl = run_worker(tmp_path / "trl", 1, "--lora", "--reseed", "--trainer", "trl")
+    assert_same_run(trl, ours)
+    for x, y in zip(trl["history"], ours["history"]):
+        if "kl" in x:
+            assert y["kl"] == pytest.approx(x["kl"], rel=1e-4, abs=1e-8)

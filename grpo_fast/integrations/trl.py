@@ -98,6 +98,24 @@ def shuffle_groups(seq_dict: dict, group_size: int) -> dict:
     return {key: permute(val) for key, val in seq_dict.items()}
 
 
+def call_as_forward(model: torch.nn.Module, fn, *args):
+    """``fn(*args)`` run as the forward of ``model``, the module TRL hands us (a DDP wrapper, an FSDP2-sharded root,
+    or the plain model), so its forward hooks run: DDP prepares its gradient all-reduce only inside its own
+    forward (a decoder called directly trains each replica on its own gradients), FSDP2 gathers the root's
+    parameters (embeddings, final norm, LM head) in its root pre-forward hook. ``fn`` becomes the instance's
+    ``forward`` for this one call (as accelerate itself wraps ``forward`` for mixed precision)."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    saved = inner.__dict__.get("forward")
+    inner.forward = fn
+    try:
+        return model(*args)
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
 class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
     """TRL's GRPOTrainer; generation runs on the shared-prefix sampler, log-probs and loss on grpo_fast's fused ops."""
 
@@ -137,13 +155,8 @@ class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
             chunks = [[min(batch_size, n - start)] for start in range(0, n, batch_size)]
         else:  # chunks of whole groups
             chunks = chunk_runs(runs, batch_size)
-        logps, entropies = [], []
-        start = 0
-        for chunk in chunks:
-            rows = sum(chunk)
-            ids = input_ids[start : start + rows]
-            mask = attention_mask[start : start + rows]
-            start += rows
+        def chunk_logps(ids, mask, chunk):  # [n, P + L] → log-probs and entropies [n, L]
+            rows = ids.size(0)
             with self.accelerator.autocast():
                 if runs is None:
                     hidden = unwrapped.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -156,8 +169,18 @@ class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
                 temperature=self.temperature / head.scale, bias=head.bias, return_entropy=True,
                 chunk_size=self.logprob_chunk_size, softcap=head.softcap,
             )
-            logps.append(logp.view(rows, L))
-            entropies.append(entropy.view(rows, L))
+            return logp.view(rows, L), entropy.view(rows, L)
+
+        logps, entropies = [], []
+        start = 0
+        for chunk in chunks:
+            rows = sum(chunk)
+            ids = input_ids[start : start + rows]
+            mask = attention_mask[start : start + rows]
+            start += rows
+            logp, entropy = call_as_forward(model, chunk_logps, ids, mask, chunk)
+            logps.append(logp)
+            entropies.append(entropy)
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _shared_prefix_runs(self, model, input_ids, attention_mask, L: int) -> list[int] | None:
