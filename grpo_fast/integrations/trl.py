@@ -163,6 +163,8 @@ class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
                     hidden = hidden[:, -L - 1 : -1]  # [n, L, D]: the positions predicting each completion token
                 else:
                     hidden = self._shared_prefix_hidden(unwrapped, ids, mask, L, chunk)  # [n, L, D]
+            if self.args.cast_lm_head_to_fp32:  # TRL's fp32 head (its __init__ cast the weight): fp32 hidden too
+                hidden = hidden.float()
             targets = ids[:, -L:].masked_fill(mask[:, -L:] == 0, -100)  # [n, L]
             logp, entropy = linear_logprobs(
                 hidden.reshape(rows * L, -1), head.weight, targets.reshape(-1),
