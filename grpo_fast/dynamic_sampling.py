@@ -24,8 +24,8 @@ Semantics, each a deliberate choice:
   ``num_generations``), checked at the first call.
 - **Advantages** of the final batch are recomputed with TRL's formula over the final batch's rewards (gathered over
   processes): with ``scale_rewards`` "group" or "none" each group's advantages are exactly those its own call
-  computed; with "batch" and with ``normalize_then_sum`` the batch statistics are the final batch's. ``num_items_in_batch``
-  is recomputed for the final batch.
+  computed; with "batch" and with ``normalize_then_sum`` the batch statistics are the final batch's.
+  ``num_items_in_batch`` is recomputed for the final batch.
 - **Metrics.** TRL logs its generation and reward metrics once per call, replacement calls included, so those describe
   everything sampled; ``dynamic_sampling/replaced_groups`` (summed over processes), ``dynamic_sampling/rounds`` and
   ``dynamic_sampling/zero_std_groups`` (left in the final batch, summed over processes) describe the filtering.
@@ -187,12 +187,11 @@ class DynamicSampling:
                 pieces[slot] = (new, j)
                 group_rewards[slot] = mine[j]
                 replaced += 1
-        mode = "train"
         counts = torch.tensor([replaced, len(pending)], dtype=torch.float32, device=self.accelerator.device)
         counts = self.accelerator.gather(counts).view(-1, 2).sum(0).tolist()
-        self._metrics[mode]["dynamic_sampling/replaced_groups"].append(counts[0])
-        self._metrics[mode]["dynamic_sampling/zero_std_groups"].append(counts[1])
-        self._metrics[mode]["dynamic_sampling/rounds"].append(float(rounds))
+        self._metrics["train"]["dynamic_sampling/replaced_groups"].append(counts[0])
+        self._metrics["train"]["dynamic_sampling/zero_std_groups"].append(counts[1])
+        self._metrics["train"]["dynamic_sampling/rounds"].append(float(rounds))
         if not counts[0]:  # nothing replaced on any process: TRL's batch as it is
             return out
         merged = merge_groups(pieces, G, self._tokenizer.pad_token_id)

@@ -16,7 +16,8 @@ reward functions that hang or crash cost their rewards, not the run (``reward_ti
 optimizer step with a non-finite gradient is skipped (``max_consecutive_skipped_steps``); sampling seeds are
 counter-based per (seed, step, rank, prompt), so a resumed run samples what the uninterrupted one would have;
 zero-std groups can be replaced by fresh prompts' groups (DAPO's dynamic sampling, ``skip_zero_std_groups``,
-grpo_fast/dynamic_sampling.py); and ``metrics.png`` is written at the end (``plot``). Given TRL's own ``trl.GRPOConfig``, these take their defaults.
+grpo_fast/dynamic_sampling.py); and ``metrics.png`` is written at the end (``plot``). Given TRL's own
+``trl.GRPOConfig``, these take their defaults.
 """
 
 from __future__ import annotations

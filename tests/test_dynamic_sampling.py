@@ -12,12 +12,12 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-from datasets import Dataset, IterableDataset  # noqa: E402
+from datasets import Dataset, IterableDataset
 
-from grpo_fast import GRPOConfig, GRPOTrainer  # noqa: E402
-from grpo_fast.dynamic_sampling import trl_advantages, zero_std_groups  # noqa: E402
-from grpo_fast.integrations.trl_sampler import SharedPrefixGeneration  # noqa: E402
-from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from grpo_fast import GRPOConfig, GRPOTrainer
+from grpo_fast.dynamic_sampling import trl_advantages, zero_std_groups
+from grpo_fast.integrations.trl_sampler import SharedPrefixGeneration
+from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 
 G = 4
 CONST = "1+1="
@@ -40,14 +40,15 @@ def model_path(tmp_path_factory):
 
 
 def _trainer(tmp_path, model_path, rewards=(by_prompt,), data=DATA, **kw):
-    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=12,
-                num_generations=G, max_completion_length=6, seed=0, logging_steps=1, beta=0.04, num_iterations=2,
-                skip_zero_std_groups=True, plot=False, max_steps=1, learning_rate=1e-3)
+    base = {"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none", "per_device_train_batch_size": 12,
+            "num_generations": G, "max_completion_length": 6, "seed": 0, "logging_steps": 1, "beta": 0.04,
+            "num_iterations": 2, "skip_zero_std_groups": True, "plot": False, "max_steps": 1, "learning_rate": 1e-3}
     base.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = GRPOTrainer(model_path, list(rewards), args=GRPOConfig(**base),
-                        train_dataset=Dataset.from_list([{"prompt": p} for p in data]), processing_class=tiny_tokenizer())
+        data = Dataset.from_list([{"prompt": p} for p in data])
+        t = GRPOTrainer(model_path, list(rewards), args=GRPOConfig(**base), train_dataset=data,
+                        processing_class=tiny_tokenizer())
     t.model.train()
     return t
 
@@ -99,7 +100,7 @@ def test_zero_std_groups_are_replaced_and_merged_consistently(tmp_path, model_pa
     for c, (o, rewards) in enumerate(calls):
         for j in range(o["prompt_ids"].size(0) // G):
             sources.setdefault(_group_key(o, j), (c, j))
-    P, L = out["prompt_ids"].size(1), out["completion_ids"].size(1)
+    P = out["prompt_ids"].size(1)
     used, final_rewards = [], []
     for j in range(3):
         rows = slice(j * G, (j + 1) * G)
