@@ -6,7 +6,11 @@ groups zero-std. Each generation call is recorded (its output and TRL's gathered
 mixin calls, so the final batch can be traced back, group by group, to the call that produced it.
 """
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +200,23 @@ def test_invalid_setups_are_refused(tmp_path, model_path):
         GRPOTrainer(model_path, [by_prompt], train_dataset=stream, processing_class=tiny_tokenizer(),
                     args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1,
                                     per_device_train_batch_size=G, num_generations=G, skip_zero_std_groups=True))
+
+
+def test_two_processes_replace_their_own_groups(tmp_path):
+    """Ranks with different numbers of zero-std groups make the same collective calls (no hang, no size mismatch),
+    each fills its own slots, and the metrics are summed over ranks."""
+    worker = Path(__file__).with_name("dynamic_sampling_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29500 + os.getpid() % 1000), str(worker), str(tmp_path)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert r["metrics"]["dynamic_sampling/replaced_groups"] == [3.0]
+        assert r["metrics"]["dynamic_sampling/zero_std_groups"] == [0.0]
+        assert CONST not in r["prompts"] and torch.isfinite(r["advantages"]).all()
+    assert ranks[0]["metrics"]["dynamic_sampling/rounds"] == ranks[1]["metrics"]["dynamic_sampling/rounds"]
+    assert ranks[0]["prompts"][G:] == ["22+22="] * G + ["5+5="] * G  # rank 0's informative groups stay in place
+    assert ranks[1]["prompts"][G : 2 * G] == ["333+333="] * G
