@@ -10,7 +10,9 @@ Ours, each read by ``grpo_fast.GRPOTrainer``:
   counted in ``rewards/<name>/failures``), not the run;
 - ``max_consecutive_skipped_steps``: an optimizer step with a non-finite gradient is skipped (``skipped_steps``);
   this many in a row stop training with an error;
-- ``plot``: ``metrics.png`` (reward and entropy per logged step) in ``output_dir`` at the end of training.
+- ``plot``: ``metrics.png`` (reward and entropy per logged step) in ``output_dir`` at the end of training;
+- ``skip_zero_std_groups`` and ``max_resample_rounds``: DAPO's dynamic sampling, groups whose rewards are all equal
+  replaced by fresh prompts' groups (grpo_fast/dynamic_sampling.py).
 
 One default differs from TRL's: ``bf16`` left unset on a machine without CUDA resolves to False (fp32), because CPU
 bf16 autocast is several times slower than fp32 there and grpo_fast's CPU path is fp32; ``bf16=True`` is honoured.
@@ -68,6 +70,17 @@ class GRPOConfig(_TRLGRPOConfig):
         metadata={"help": "grpo_fast: write metrics.png (reward and entropy per logged step) to output_dir at the end "
                           "of training (needs matplotlib)."},
     )
+    skip_zero_std_groups: bool = field(
+        default=False,
+        metadata={"help": "grpo_fast: DAPO's dynamic sampling. Groups whose rewards are all equal (no advantage "
+                          "signal) are replaced by groups of fresh train prompts, for at most max_resample_rounds "
+                          "rounds; groups still zero-std after that stay. Train mode only."},
+    )
+    max_resample_rounds: int = field(
+        default=3,
+        metadata={"help": "grpo_fast: with skip_zero_std_groups, how many rounds of fresh prompts at most replace the "
+                          "zero-std groups of one generation batch."},
+    )
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
@@ -82,6 +95,9 @@ class GRPOConfig(_TRLGRPOConfig):
             raise ValueError(
                 f"max_consecutive_skipped_steps must be an int >= 0; got {self.max_consecutive_skipped_steps!r}"
             )
+        if isinstance(self.max_resample_rounds, bool) or not isinstance(self.max_resample_rounds, int) \
+                or self.max_resample_rounds < 0:
+            raise ValueError(f"max_resample_rounds must be an int >= 0; got {self.max_resample_rounds!r}")
         super().__post_init__()
         self._check_trl_values()
 

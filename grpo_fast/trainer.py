@@ -14,8 +14,10 @@ datasets, reward functions and reward models, ``trainer.state``, callbacks, ``ev
 This class adds what TRL has no counterpart for, each switchable in ``GRPOConfig`` (see grpo_fast/config.py):
 reward functions that hang or crash cost their rewards, not the run (``reward_timeout``, ``reward_errors``); an
 optimizer step with a non-finite gradient is skipped (``max_consecutive_skipped_steps``); sampling seeds are
-counter-based per (seed, step, rank, prompt), so a resumed run samples what the uninterrupted one would have; and
-``metrics.png`` is written at the end (``plot``). Given TRL's own ``trl.GRPOConfig``, these take their defaults.
+counter-based per (seed, step, rank, prompt), so a resumed run samples what the uninterrupted one would have;
+zero-std groups can be replaced by fresh prompts' groups (DAPO's dynamic sampling, ``skip_zero_std_groups``,
+grpo_fast/dynamic_sampling.py); and ``metrics.png`` is written at the end (``plot``). Given TRL's own
+``trl.GRPOConfig``, these take their defaults.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import torch
 
 from grpo_fast.config import GRPOConfig, own_option
+from grpo_fast.dynamic_sampling import DynamicSampling
 from grpo_fast.integrations.trl import FastGRPOTrainer
 from grpo_fast.metrics import PlotCallback
 from grpo_fast.reward_calls import guard_reward_func
@@ -35,7 +38,7 @@ logger = logging.getLogger(__name__)
 _MASK62 = (1 << 62) - 1
 
 
-class GRPOTrainer(FastGRPOTrainer):
+class GRPOTrainer(DynamicSampling, FastGRPOTrainer):
     """``trl.GRPOTrainer``'s interface and behaviour, on grpo_fast's sampler, fused log-probs and fused loss."""
 
     def __init__(self, model, reward_funcs=None, args=None, *rest, **kwargs):
