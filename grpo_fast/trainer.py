@@ -14,7 +14,7 @@ datasets, reward functions and reward models, ``trainer.state``, callbacks, ``ev
 This class adds what TRL has no counterpart for, each switchable in ``GRPOConfig`` (see grpo_fast/config.py):
 reward functions that hang or crash cost their rewards, not the run (``reward_timeout``, ``reward_errors``); an
 optimizer step with a non-finite gradient is skipped (``max_consecutive_skipped_steps``); sampling seeds are
-counter-based per (seed, step, rank, prompt), so a resumed run samples what the uninterrupted one would have;
+counter-based per (seed, step, prompt's index in the global batch), so a resumed run samples what the uninterrupted one would have;
 zero-std groups can be replaced by fresh prompts' groups (DAPO's dynamic sampling, ``skip_zero_std_groups``,
 grpo_fast/dynamic_sampling.py); and ``metrics.png`` is written at the end (``plot``). Given TRL's own
 ``trl.GRPOConfig``, these take their defaults.
@@ -63,12 +63,13 @@ class GRPOTrainer(DynamicSampling, FastGRPOTrainer):
 
     # -- sampling seeds ------------------------------------------------------------------------------------------
     def _prompt_seeds(self, count: int) -> list[int]:
-        """One sampling seed per prompt of this generation call, from (seed, optimizer step, train/eval, rank,
-        prompt index): a completion depends on nothing else (not the global RNG, not the other prompts), so a run
-        resumed from a checkpoint samples exactly what the uninterrupted run sampled."""
+        """One sampling seed per prompt of this generation call, from (seed, optimizer step, train/eval, the
+        prompt's index in the global batch: rank · count + i): a completion depends on nothing else (not the global
+        RNG, not the other prompts), so a run resumed from a checkpoint samples what the uninterrupted run sampled,
+        and 2 ranks × b prompts sample what 1 rank × 2b does."""
         base = (self.args.seed * 1_000_003 + self.state.global_step) * 2 + int(self.model.training)
-        base = base * 65_537 + self.accelerator.process_index
-        return [(base * 1_000_003 + i) & _MASK62 for i in range(count)]
+        first = self.accelerator.process_index * count
+        return [(base * 1_000_003 + first + i) & _MASK62 for i in range(count)]
 
     # -- non-finite steps ----------------------------------------------------------------------------------------
     def create_optimizer(self, *args, **kwargs):

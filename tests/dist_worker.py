@@ -2,15 +2,14 @@
 random-init model, launched alone or under ``torch.distributed.run`` (gloo on the CPU, through accelerate).
 
     python tests/dist_worker.py OUT_DIR [--trainer fast|trl] [--steps 3] [--fsdp] [--no_sampler] [--no_update]
-        [--global_seeds] [--reseed] [--save_steps N] [--resume] [--lora] [--prompts 8]
+        [--reseed] [--save_steps N] [--resume] [--lora] [--prompts 8]
 
 writes OUT_DIR/final.pt (rank 0): the full parameters, TRL's log history and the largest parameter difference
 between ranks (0 unless replicas drifted apart).
 
-Two test-only seedings make generation comparable across runs (the trained code is untouched):
-- ``--global_seeds``: the sampler's per-prompt seeds are keyed by the prompt's index in the global batch (rank ·
-  prompts per rank + local index) instead of GRPOTrainer's (rank, local index), so a completion does not depend on
-  how many ranks share the batch: 2 ranks x b then sample exactly what 1 rank x 2b samples.
+GRPOTrainer keys the sampler's per-prompt seeds by the prompt's index in the global batch (rank · prompts per rank +
+local index), so 2 ranks x b sample exactly what 1 rank x 2b samples. One test-only seeding makes TRL's generation
+comparable across runs (the trained code is untouched):
 - ``--reseed``: the global torch RNG is reset from (rank, global step) before each generation, so TRL's generate
   samples the same completions in TRL's trainer and ours (whose group shuffle draws fewer random numbers than TRL's
   row shuffle, which would otherwise shift the next step's samples).
@@ -38,14 +37,8 @@ def odd_digits(prompts, completions, **kw):
     return [sum(ch in "13579" for ch in c) / (1 + len(c)) for c in completions]
 
 
-def _make_class(base, reseed: bool, global_seeds: bool):
+def _make_class(base, reseed: bool):
     class Worker(base):
-        def _prompt_seeds(self, count):
-            if not global_seeds:
-                return super()._prompt_seeds(count)
-            base = (self.args.seed * 1_000_003 + self.state.global_step) * 2 + int(self.model.training)
-            return [base * 1_000_003 + self.accelerator.process_index * count + i for i in range(count)]
-
         def _generate_single_turn(self, *args, **kwargs):
             if reseed:
                 torch.manual_seed(1000 * self.state.global_step + self.accelerator.process_index)
@@ -66,7 +59,6 @@ def main():
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--no_sampler", action="store_true", help="use_shared_prefix_sampler = False")
     p.add_argument("--no_update", action="store_true", help="use_shared_prefix_update = False")
-    p.add_argument("--global_seeds", action="store_true")
     p.add_argument("--reseed", action="store_true")
     p.add_argument("--lora", action="store_true")
     p.add_argument("--prompts", type=int, default=8, help="dataset size; 4 prompts per optimizer step")
@@ -90,7 +82,7 @@ def main():
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    cls = _make_class(GRPOTrainer if args.trainer == "fast" else TRLGRPOTrainer, args.reseed, args.global_seeds)
+    cls = _make_class(GRPOTrainer if args.trainer == "fast" else TRLGRPOTrainer, args.reseed)
     path = os.path.join(args.out, "init")  # TRL builds its reference model (beta > 0) from a path
     if int(os.environ.get("RANK", "0")) == 0 and not os.path.exists(path):
         tiny_causal_lm(seed=4).save_pretrained(path)

@@ -4,9 +4,8 @@ MULTI_CPU, gloo, DDP), and checkpoint resume through transformers' ``train(resum
 Why the seeding in these tests (tests/dist_worker.py has the switches):
 - 2 ranks x b vs 1 rank x 2b: TRL splits each global batch of whole groups over the ranks (the same prompts in
   total), gathers rewards before the group normalization and DDP averages the gradients, so the update is the same
-  *if the completions are*. GRPOTrainer's sampling seeds are keyed by (rank, prompt index on the rank), so they
-  change with the world size; ``--global_seeds`` keys them by the prompt's index in the global batch instead, and
-  then the comparison is exact up to float rounding. TRL's own generate draws from a per-rank global RNG
+  *if the completions are*. GRPOTrainer's sampling seeds are keyed by the prompt's index in the global batch, so
+  they do not change with the world size, and the comparison is exact up to float rounding. TRL's own generate draws from a per-rank global RNG
   (``set_seed(seed, device_specific=True)``), so for TRL's generation path we compare our trainer with TRL's
   trainer on 2 ranks, generation reseeded identically in both (``--reseed``).
 - FSDP: accelerate 1.15 selects FSDP only for GPU-like distributed types (``AcceleratorState``), so on
@@ -65,8 +64,8 @@ def assert_trained(result: dict):
 @pytest.mark.parametrize("flags", [[], ["--loss_type", "grpo", "--no_update"]],
                          ids=["dapo-shared-prefix", "grpo-padded"])
 def test_two_ranks_match_one_rank(tmp_path, flags):
-    one = run_worker(tmp_path / "one", 1, "--global_seeds", *flags)
-    two = run_worker(tmp_path / "two", 2, "--global_seeds", *flags)
+    one = run_worker(tmp_path / "one", 1, *flags)
+    two = run_worker(tmp_path / "two", 2, *flags)
     assert two["drift"] == 0.0, "DDP replicas drifted apart: gradients were not all-reduced"
     assert_same_run(one, two)
     assert_trained(one)
@@ -82,8 +81,8 @@ def test_two_ranks_match_trl_on_two_ranks(tmp_path):
 
 
 def test_fsdp_two_ranks_match_one_rank(tmp_path):
-    one = run_worker(tmp_path / "one", 1, "--global_seeds")
-    two = run_worker(tmp_path / "two", 2, "--global_seeds", "--fsdp")
+    one = run_worker(tmp_path / "one", 1)
+    two = run_worker(tmp_path / "two", 2, "--fsdp")
     assert_same_run(one, two)
     if not two["sharded"]:
         pytest.skip("accelerate runs MULTI_CPU without FSDP (fsdp='full_shard' trained as DDP): FSDP needs GPUs")
