@@ -53,3 +53,15 @@ def tiny_causal_lm(kind: str = "llama", vocab_size: int = len(CHARS) + 3, seed: 
         raise ValueError(f"kind must be 'llama' or 'qwen2', got {kind!r}")
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def cpu_bf16_attention_error() -> str | None:
+    """Why torch's CPU bf16 masked SDPA fails on this machine, or None. torch 2.13 refuses it when
+    ``ATEN_CPU_CAPABILITY`` forces a narrower vector width than an AVX-512 CPU has ("pack_vnni2 is only supported
+    when avx512 is supported"); TRL's and our bf16 CPU runs fail alike there."""
+    q = torch.randn(1, 1, 64, 8, dtype=torch.bfloat16)  # long enough for the blocked CPU kernel
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(64, 64, dtype=torch.bool))
+    except RuntimeError as e:
+        return str(e)
+    return None

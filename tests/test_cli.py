@@ -68,7 +68,7 @@ def test_eval_reports_greedy_accuracy(tmp_path, model_dir, task_file, capsys):
     "flags, message",
     [
         (["--loss_type", "bogus"], "loss_type"),
-        (["--num_generations", "1"], "num_generations"),
+        (["--num_generations", "1"], "at least 2 generations"),
         (["--top_p", "1.5"], "top_p"),
         (["--beta", "-1"], "beta"),
     ],
