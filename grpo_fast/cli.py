@@ -59,14 +59,20 @@ def _config(values: dict, flags: list[str]):
     from grpo_fast.config import GRPOConfig
 
     fields = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
+
+    def unknown(what, key):
+        close = difflib.get_close_matches(key.lstrip("-"), sorted(fields), n=1)
+        raise SystemExit(f"grpo-fast train: unknown {what} {key!r}" + (f"; did you mean {close[0]!r}?" if close
+                                                                      else ""))
+
     for key in values:
         if key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            raise SystemExit(f"grpo-fast train: unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close
-                                                                             else ""))
+            unknown("config key", key)
     parser = HfArgumentParser(GRPOConfig)
     parser.set_defaults(**values)
-    (config,) = parser.parse_args_into_dataclasses(flags, look_for_args_file=False)
+    config, rest = parser.parse_args_into_dataclasses(flags, return_remaining_strings=True, look_for_args_file=False)
+    if rest:
+        unknown("flag", rest[0])
     return config
 
 
