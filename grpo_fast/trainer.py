@@ -16,7 +16,8 @@ reward functions that hang or crash cost their rewards, not the run (``reward_ti
 optimizer step with a non-finite gradient is skipped (``max_consecutive_skipped_steps``); sampling seeds are
 counter-based per (seed, step, prompt's index in the global batch), so a resumed run samples what the uninterrupted one would have;
 zero-std groups can be replaced by fresh prompts' groups (DAPO's dynamic sampling, ``skip_zero_std_groups``,
-grpo_fast/dynamic_sampling.py); and ``metrics.png`` is written at the end (``plot``). Given TRL's own
+grpo_fast/dynamic_sampling.py); and ``metrics.png`` is written at the end (``plot``). Two conveniences: ``model="smollm2"`` is the embedded
+SmolLM2-135M-Instruct (nothing is downloaded), and a list of row dicts is accepted as a dataset. Given TRL's own
 ``trl.GRPOConfig``, these take their defaults.
 """
 
@@ -31,6 +32,7 @@ from grpo_fast.config import GRPOConfig, own_option
 from grpo_fast.dynamic_sampling import DynamicSampling
 from grpo_fast.integrations.trl import FastGRPOTrainer
 from grpo_fast.metrics import PlotCallback
+from grpo_fast.models import DEFAULT_MODEL, default_model_path
 from grpo_fast.reward_calls import guard_reward_func
 
 logger = logging.getLogger(__name__)
@@ -41,13 +43,16 @@ _MASK62 = (1 << 62) - 1
 class GRPOTrainer(DynamicSampling, FastGRPOTrainer):
     """``trl.GRPOTrainer``'s interface and behaviour, on grpo_fast's sampler, fused log-probs and fused loss."""
 
-    def __init__(self, model, reward_funcs=None, args=None, *rest, **kwargs):
+    def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None, *rest, **kwargs):
+        if model in (DEFAULT_MODEL, "default"):  # the embedded SmolLM2 (a Hub id stays TRL's to resolve)
+            model = str(default_model_path())
         if args is None:  # as TRL names it, with our config class
             from trl.trainer.utils import get_config_model_id
 
             name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = GRPOConfig(f"{name.split('/')[-1]}-GRPO")
-        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+            args = GRPOConfig(f"{name.rstrip('/').split('/')[-1]}-GRPO")
+        train_dataset, eval_dataset = _as_dataset(train_dataset), _as_dataset(eval_dataset)
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, *rest, **kwargs)
         self.use_shared_prefix_sampler = own_option(self.args, "use_shared_prefix_sampler")
         self.use_shared_prefix_update = own_option(self.args, "use_shared_prefix_update")
         timeout = own_option(self.args, "reward_timeout")
@@ -103,6 +108,15 @@ class GRPOTrainer(DynamicSampling, FastGRPOTrainer):
             return None
 
         return guarded
+
+
+def _as_dataset(data):
+    """A list of row dicts becomes a ``datasets.Dataset`` (TRL takes datasets only); anything else is passed on."""
+    if isinstance(data, list) and all(isinstance(row, dict) for row in data):
+        from datasets import Dataset
+
+        return Dataset.from_list(data)
+    return data
 
 
 def _gradients_finite(optimizer) -> bool:

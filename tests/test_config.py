@@ -4,7 +4,8 @@ with a reason — none is accepted and ignored.
 The walk (``test_every_field_is_classified``) puts each field in exactly one category; a field a new TRL version adds
 fails it until classified:
 
-- OWN: grpo_fast's six fields, each with a behavioural test below;
+- OWN: grpo_fast's eight fields, each with a behavioural test below (dynamic sampling's two in
+  test_dynamic_sampling.py);
 - SEAM: fields TRL reads inside one of the four methods ``FastGRPOTrainer`` replaces (found by parsing TRL's source,
   following ``self.x = args.x`` copies and the fused LM head ``add_fused_lm_head`` installs): each is honoured by our
   override (a test compares it with TRL's method) or routes to TRL's method when set (a test spies on TRL's);
@@ -182,7 +183,9 @@ def static_reads() -> tuple[dict, dict]:
 
 # -- the categories ----------------------------------------------------------------------------------------------------
 OWN = {"use_shared_prefix_sampler", "use_shared_prefix_update", "reward_timeout", "reward_errors",
-       "max_consecutive_skipped_steps", "plot"}
+       "max_consecutive_skipped_steps", "plot",
+       # behavioural tests in test_dynamic_sampling.py (replacement on/off; the round limit)
+       "skip_zero_std_groups", "max_resample_rounds"}
 
 # SEAM fields our override honours, with the test below that compares it with TRL's method
 HONOURED = {

@@ -78,6 +78,7 @@ def test_trl_dropin_passes_the_softcap():
     accelerator = types.SimpleNamespace(unwrap_model=lambda m: m, autocast=contextlib.nullcontext)
     trainer = object.__new__(FastGRPOTrainer)  # the real methods, without TRL's set-up
     trainer.accelerator, trainer.temperature, trainer.num_generations = accelerator, TEMPERATURE, 2
+    trainer.args = types.SimpleNamespace(cast_lm_head_to_fp32=False)
     with torch.no_grad():
         ours, _, _ = FastGRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, attention_mask, 6)
         logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, P - 1 : -1]  # [N, L, V]
