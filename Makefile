@@ -39,8 +39,8 @@ NUMERICS_SELECT ?= numerics
 test-numerics: .installed-test
 	ATEN_CPU_CAPABILITY=$(CAP) $(PYTEST) -q -m "$(NUMERICS_SELECT)" $(PYTEST_ARGS)
 
-# TRL's own GRPO tests, offline (tests/trl_compat): TARGET=trl|fast|fast-trl-generation|grpo_fast; SUBSET=ci: CI's few.
-TARGET ?= fast
+# TRL's own GRPO tests, offline (tests/trl_compat): TARGET=grpo_fast|trl|fast|fast-trl-generation; SUBSET=ci: CI's few.
+TARGET ?= grpo_fast
 SUBSET ?=
 test-trl: .installed-test
 	GRPO_FAST_TRL_TARGET=$(TARGET) GRPO_FAST_TRL_SUBSET=$(SUBSET) $(PYTEST) tests/trl_compat -q -p no:cacheprovider \

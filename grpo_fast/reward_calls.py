@@ -21,10 +21,6 @@ def guard_reward_func(func, name: str, timeout: float | None, isolate: bool = Tr
     """``func`` with the time-out and crash isolation above; keeps its name and whether it is async.
     ``isolate=False``: exceptions and time-outs (``TimeoutError``) propagate, as in TRL."""
 
-    def fail(n: int, why: str):
-        warnings.warn(f"reward function {name!r} {why}; its {n} rewards in this batch are unscored", stacklevel=3)
-        return [None] * n
-
     def clean(result, n: int, kwargs):
         result = list(result)
         out = [r if r is None or _is_number(r) else None for r in result]
@@ -35,10 +31,22 @@ def guard_reward_func(func, name: str, timeout: float | None, isolate: bool = Tr
         report(kwargs, bad)
         return out
 
-    def report(kwargs, n):
+    def report(kwargs, failures: int):
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
-            log_metric(f"rewards/{name}/failures", float(n))
+            log_metric(f"rewards/{name}/failures", float(failures))
+
+    def failed(error: Exception, n: int, kwargs):
+        """A call that raised or timed out: re-raised (``isolate=False``), or ``n`` unscored rewards."""
+        timed_out = timeout is not None and isinstance(error, (TimeoutError, asyncio.TimeoutError))
+        if not isolate:
+            if timed_out:
+                raise TimeoutError(f"reward function {name!r} exceeded reward_timeout={timeout}s") from None
+            raise error
+        why = f"exceeded reward_timeout={timeout}s" if timed_out else f"raised {type(error).__name__}: {error}"
+        warnings.warn(f"reward function {name!r} {why}; its {n} rewards in this batch are unscored", stacklevel=3)
+        report(kwargs, n)
+        return [None] * n
 
     if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
 
@@ -47,16 +55,8 @@ def guard_reward_func(func, name: str, timeout: float | None, isolate: bool = Tr
             n = len(kwargs.get("prompts", args[0] if args else ()))
             try:
                 result = await asyncio.wait_for(func(*args, **kwargs), timeout)
-            except (asyncio.TimeoutError, TimeoutError):
-                if not isolate:
-                    raise TimeoutError(f"reward function {name!r} exceeded reward_timeout={timeout}s") from None
-                report(kwargs, n)
-                return fail(n, f"exceeded reward_timeout={timeout}s")
-            except Exception as e:  # noqa: BLE001 - a crashing verifier must not end a long run
-                if not isolate:
-                    raise
-                report(kwargs, n)
-                return fail(n, f"raised {type(e).__name__}: {e}")
+            except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - a crashing verifier must not end a run
+                return failed(e, n, kwargs)
             return clean(result, n, kwargs)
 
         return guarded_async
@@ -66,16 +66,8 @@ def guard_reward_func(func, name: str, timeout: float | None, isolate: bool = Tr
         n = len(kwargs.get("prompts", args[0] if args else ()))
         try:
             result = func(*args, **kwargs) if timeout is None else _call_with_timeout(func, timeout, args, kwargs)
-        except TimeoutError:
-            if not isolate:
-                raise TimeoutError(f"reward function {name!r} exceeded reward_timeout={timeout}s") from None
-            report(kwargs, n)
-            return fail(n, f"exceeded reward_timeout={timeout}s")
         except Exception as e:  # noqa: BLE001 - a crashing verifier must not end a long run
-            if not isolate:
-                raise
-            report(kwargs, n)
-            return fail(n, f"raised {type(e).__name__}: {e}")
+            return failed(e, n, kwargs)
         return clean(result, n, kwargs)
 
     return guarded

@@ -135,3 +135,14 @@ def numerics():
     """The bound's helpers: ``check_2x``, ``condition_scale``, ``ulp_response_scales``, ``ULPS``."""
     return types.SimpleNamespace(check_2x=check_2x, condition_scale=condition_scale,
                                  ulp_response_scales=ulp_response_scales, ULPS=ULPS)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    """A tiny random-init Llama saved to disk, for trainers that load by path (TRL builds its reference model,
+    beta > 0, from the path)."""
+    from grpo_fast.testing import tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("model")
+    tiny_causal_lm(seed=1).save_pretrained(path)
+    return str(path)

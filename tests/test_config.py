@@ -294,13 +294,6 @@ def reward(completions, **kw):
     return [float(len(c) % 3) for c in completions]
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")  # TRL builds its reference model (beta > 0) from a path
-    tiny_causal_lm(seed=1).save_pretrained(path)
-    return str(path)
-
-
 def make(model_path, rewards=(reward,), cls=GRPOTrainer, model=None, **kw):
     args = dict(output_dir=model_path + "-out", report_to="none", per_device_train_batch_size=4, num_generations=2,
                 max_completion_length=5, seed=0, plot=False, logging_steps=1)

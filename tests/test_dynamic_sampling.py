@@ -21,7 +21,7 @@ from datasets import Dataset, IterableDataset
 from grpo_fast import GRPOConfig, GRPOTrainer
 from grpo_fast.dynamic_sampling import trl_advantages, zero_std_groups
 from grpo_fast.integrations.trl_sampler import SharedPrefixGeneration
-from grpo_fast.testing import tiny_causal_lm, tiny_tokenizer
+from grpo_fast.testing import tiny_tokenizer
 
 G = 4
 CONST = "1+1="
@@ -34,13 +34,6 @@ def by_prompt(prompts, completions, **kw):
 
 def by_length(prompts, completions, **kw):
     return [float(len(c) % 3) for c in completions]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")  # TRL builds its reference model (beta > 0) from a path
-    tiny_causal_lm(seed=1).save_pretrained(path)
-    return str(path)
 
 
 def _trainer(tmp_path, model_path, rewards=(by_prompt,), data=DATA, **kw):
