@@ -20,13 +20,16 @@ rest of ``_prepare_inputs`` alone is also recorded as ``scoring_s``. Both run fp
 with the peak GPU memory of each; ``--bf16`` on cuda only: TRL would autocast the CPU), with the same seed;
 completions may stop at EOS at different lengths, so each one's mean completion length is reported next to its
 time. On the CPU the peak resident memory of each trainer's run (training only, over what was resident before) is
-recorded too. ``--weights random`` is a random-init model of SmolLM2-135M's shape with the character tokenizer of
+recorded too. ``--threads 1`` on a shared, loaded machine: there, with 2 threads on 2 cores, each small op waits on
+its sleeping partner thread (a 16 × 576 × 1536 matmul took 11.7 ms with 2 threads and 1.3 ms with 1 at load 9).
+``--weights random`` is a random-init model of SmolLM2-135M's shape with the character tokenizer of
 grpo_fast.testing (for machines without the embedded model; ids past that tokenizer decode to nothing).
 
 Simplifications: one process, the two trainers one after the other (ours first), so load drift on a shared machine
 enters the ratio; the JSON records the load average.
 
-    python benchmarks/bench_e2e.py [--configs short,long,first-user] [--steps 3] [--warmup 1] [--device cuda --bf16]
+    python benchmarks/bench_e2e.py [--configs short,long,first-user] [--steps 3] [--warmup 1] [--threads 1]
+                                   [--device cuda --bf16]
 """
 
 from __future__ import annotations
@@ -220,8 +223,12 @@ def main():
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers (with --device cuda)")
     p.add_argument("--weights", choices=("default", "random"), default="default")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 on a loaded machine, where threads spin-wait")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     if args.bf16 and args.device != "cuda":
