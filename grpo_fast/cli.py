@@ -48,53 +48,101 @@ def _reward_funcs(args):
     return get_reward_funcs(names)
 
 
-def cmd_train(argv: list[str]) -> int:
+def _config(values: dict, flags: list[str]):
+    """``GRPOConfig`` from a config file's values, then ``--<field> VALUE`` flags (transformers' parser, so every
+    TRL / TrainingArguments field is a flag under its own name). An unknown key names the closest valid one."""
     import dataclasses
+    import difflib
 
-    from grpo_fast.config import GRPOConfig, add_config_arguments, load_config_file
+    from transformers import HfArgumentParser
 
-    p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO on a task or a JSONL dataset")
+    from grpo_fast.config import GRPOConfig
+
+    fields = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            raise SystemExit(f"grpo-fast train: unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close
+                                                                             else ""))
+    parser = HfArgumentParser(GRPOConfig)
+    parser.set_defaults(**values)
+    (config,) = parser.parse_args_into_dataclasses(flags, look_for_args_file=False)
+    return config
+
+
+def _summary(log_history: list[dict]) -> dict:
+    """Reward over the first / last 5 logged steps and mean entropy over the last 20 (the demo's criteria)."""
+    steps = [e for e in log_history if "reward" in e]
+    mean = lambda es, k: sum(e[k] for e in es) / len(es) if es else None  # noqa: E731
+    return {"steps_logged": len(steps), "reward_first5": mean(steps[:5], "reward"),
+            "reward_last5": mean(steps[-5:], "reward"), "entropy_first20": mean(steps[:20], "entropy"),
+            "entropy_last20": mean(steps[-20:], "entropy")}
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO on a task or a JSONL dataset; any other "
+                                "--<GRPOConfig field> VALUE flag sets that field")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--config", default=None, help="YAML/JSON file of GRPOConfig fields (and model/task keys)")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in output_dir")
     p.add_argument("--eval_prompts", type=int, default=0, help="greedy accuracy on N held-out prompts before/after")
     _task_args(p)
-    add_config_arguments(p)
     pre, _ = p.parse_known_args(argv)
-    file_values = load_config_file(pre.config) if pre.config else {}
-    own = {a.dest for a in p._actions} - {f.name for f in dataclasses.fields(GRPOConfig)}
-    p.set_defaults(**{k: file_values.pop(k) for k in list(file_values) if k in own})  # model/task keys of the file
-    args = p.parse_args(argv)
-    # config fields: the file's, then explicit flags (config flags default to SUPPRESS, so only given ones exist)
-    config = GRPOConfig.from_dict({**file_values, **{k: v for k, v in vars(args).items() if k not in own}})
+    values = _load_file(pre.config) if pre.config else {}
+    own = {a.dest for a in p._actions} - {"help"}
+    p.set_defaults(**{k: values.pop(k) for k in list(values) if k in own})  # the file's model/task keys
+    args, flags = p.parse_known_args(argv)
+    config = _config(values, flags)
+
+    from datasets import Dataset
+
+    from grpo_fast.evaluation import greedy_accuracy
     from grpo_fast.models import load_model
     from grpo_fast.trainer import GRPOTrainer
 
     model, tokenizer = load_model(args.model)
-    trainer = GRPOTrainer(
-        model,
-        _reward_funcs(args),
-        args=config,
-        train_dataset=_rows(args, "train", args.task_size),
-        eval_dataset=_rows(args, "eval", max(args.eval_prompts, 1)) if args.eval_prompts else None,
-        processing_class=tokenizer,
-    )
-    before = trainer.evaluate() if args.eval_prompts else None
+    reward_funcs = _reward_funcs(args)
+    eval_rows = _rows(args, "eval", args.eval_prompts)[: args.eval_prompts] if args.eval_prompts else None
+    trainer = GRPOTrainer(model, reward_funcs, args=config,
+                          train_dataset=Dataset.from_list(_rows(args, "train", args.task_size)),
+                          processing_class=tokenizer)
+
+    def evaluate():
+        return greedy_accuracy(trainer.model, tokenizer, eval_rows, reward_funcs, config.max_completion_length)
+
+    before = evaluate() if eval_rows else None
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=args.resume or None)
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
     wall = time.perf_counter() - t0
-    ckpt = trainer.save_checkpoint()
-    after = trainer.evaluate() if args.eval_prompts else None
-    if not trainer.is_main:  # under torchrun only rank 0 reports
+    after = evaluate() if eval_rows else None
+    if not trainer.is_world_process_zero():
         return 0
     out = Path(config.output_dir)
-    summary = {"wall_clock_s": wall, "checkpoint": str(ckpt), "eval_before": before, "eval_after": after}
+    summary = {"wall_clock_s": wall, "global_step": trainer.state.global_step, **_summary(trainer.state.log_history),
+               "eval_before": before, "eval_after": after}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\ntrained {config.max_steps} steps in {wall:.0f}s")
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    print(f"\ntrained {trainer.state.global_step} steps in {wall:.0f}s; reward first-5 {summary['reward_first5']:.3f} "
+          f"-> last-5 {summary['reward_last5']:.3f}; entropy last-20 {summary['entropy_last20']:.3f}")
     if before is not None:
         print(f"greedy eval before: {before}\ngreedy eval after:  {after}")
-    print(f"metrics:    {out / 'metrics.jsonl'}\nplot:       {out / 'metrics.png'}\ncheckpoint: {ckpt}")
+    print(f"summary: {out / 'summary.json'}\nplot:    {out / 'metrics.png'}")
     return 0
+
+
+def _load_file(path: str) -> dict:
+    """A YAML (or JSON) mapping of config / script keys."""
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"grpo-fast train: {path} must hold a mapping of keys to values")
+    return values
 
 
 def cmd_sample(argv: list[str]) -> int:
@@ -110,14 +158,14 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--answer", default=None, help="gold answer: prints each completion's accuracy reward")
     args = p.parse_args(argv)
-    from grpo_fast.data import PromptEncoder
+    from grpo_fast.evaluation import encode_prompt
     from grpo_fast.models import load_model
     from grpo_fast.rewards import get_reward_funcs
     from grpo_fast.sampler import SharedPrefixSampler
 
     model, tokenizer = load_model(args.model)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat.lower() == "true" else args.prompt
-    ids = PromptEncoder(tokenizer, None)(prompt)
+    ids = encode_prompt(tokenizer, prompt)
     out = SharedPrefixSampler(model, tokenizer).generate(
         [ids],
         group_size=args.num_generations,
@@ -145,22 +193,13 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     _task_args(p)
     args = p.parse_args(argv)
-    from grpo_fast.config import GRPOConfig
+    from grpo_fast.evaluation import greedy_accuracy
     from grpo_fast.models import load_model
-    from grpo_fast.trainer import GRPOTrainer
 
     model, tokenizer = load_model(args.model)
     rows = _rows(args, "eval", args.num_prompts)[: args.num_prompts]
-    config = GRPOConfig(
-        output_dir="/tmp/grpo_fast_eval",
-        max_completion_length=args.max_completion_length,
-        report_to=[],
-        per_device_train_batch_size=8,
-        num_generations=8,
-    )
-    trainer = GRPOTrainer(model, _reward_funcs(args), args=config, train_dataset=rows, processing_class=tokenizer)
-    trainer.log.enabled = False
-    result = {"model": args.model, "task": args.task, "num_prompts": len(rows), **trainer.evaluate(rows)}
+    metrics = greedy_accuracy(model, tokenizer, rows, _reward_funcs(args), args.max_completion_length)
+    result = {"model": args.model, "task": args.task, "num_prompts": len(rows), **metrics}
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -1,15 +1,14 @@
-"""The training forward: completion log-probs from the model's final hidden states and the fused LM-head op.
-
-Every log-prob the trainer uses (policy, reference, old) comes from ``completion_logprobs``, so the importance ratio
-is never biased by two code paths disagreeing. The head never sees prompt positions and no ``[T, V]`` logits
-tensor exists: the decoder's hidden states go straight into ``linear_logprobs``.
+"""Completion log-probs of a ``PolicyBatch`` (prompts × groups of completions) from the model's final hidden states
+and the fused LM-head op, with or without the shared-prefix forward: a functional entry point for stacks that embed
+grpo_fast, and the padded reference the shared-prefix forward is tested against. No ``[T, V]`` logits tensor exists:
+the decoder's hidden states go straight into ``linear_logprobs``. (``GRPOTrainer`` computes the same thing from
+TRL's padded tensors in ``grpo_fast.integrations.trl``.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from grpo_fast.distributed import call_through_root
 from grpo_fast.kernels.logprob import linear_logprobs
 from grpo_fast.models import lm_head_of
 from grpo_fast.shared_prefix import PolicyBatch, can_share_prefix, shared_prefix_hidden_states
@@ -57,14 +56,9 @@ def completion_logprobs(
 
     With ``shared_prefix`` (and a model it is exact for) each prompt is forwarded once per group (B·P + N·L tokens
     instead of N·(P + L)); otherwise every completion carries its own prompt copy. Masked positions (padding after
-    EOS) get log-prob 0; they never enter a loss. Under FSDP2 the whole computation runs inside the root module's
-    call (``grpo_fast.distributed.call_through_root``).
+    EOS) get log-prob 0; they never enter a loss.
     """
-    return call_through_root(model, lambda: _logprobs(model, batch, pad_id, temperature, with_entropy, shared_prefix))
-
-
-def _logprobs(model, batch, pad_id, temperature, with_entropy, shared_prefix):
-    head = lm_head_of(model)  # read here: under FSDP2 the root unit (and so the head weight) is gathered by now
+    head = lm_head_of(model)
     P, L = max(len(p) for p in batch.prompt_ids), batch.completion_ids.shape[1]
     if shared_prefix and batch.group_size > 1 and can_share_prefix(model, P + L)[0]:
         hidden = shared_prefix_hidden_states(model, batch, pad_id)  # [N, L, D]

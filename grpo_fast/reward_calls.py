@@ -1,128 +1,105 @@
-"""Calling reward functions: the signature check at construction, and at each step one call per function with
-time-outs and crash isolation, so a bad verifier costs its rewards (unscored, counted), never the run.
+"""Reward functions that cannot take a run down: ``guard_reward_func`` wraps one of TRL's reward callables
+(``f(prompts, completions, **kwargs) -> list[float | None]``, sync or async) with a time-out and crash isolation.
 
-A reward function is TRL's: ``f(prompts, completions, **kwargs) -> list[float | None]`` with the dataset's other
-columns, ``completion_ids`` and ``trainer_state`` as keywords; ``None`` means unscored. Names from
-``grpo_fast.rewards`` (strings) resolve to the built-in verifiers.
+A call that raises or runs past ``timeout`` seconds returns ``None`` for every completion (TRL turns ``None`` into
+NaN: unscored, left out of the rewards' nan-aware sums) with a warning; a value that is not a number becomes
+``None`` too. Each call logs ``rewards/<name>/failures`` (unusable values in the batch) through TRL's ``log_metric``.
+A list of the wrong length is a bug in the function, not a bad sample: TRL raises on it, unchanged.
+Reward models (``nn.Module``) are not wrapped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
-import math
 import threading
 import warnings
 
-import torch
 
-from grpo_fast.data import is_conversational
+def guard_reward_func(func, name: str, timeout: float | None, isolate: bool = True):
+    """``func`` with the time-out and crash isolation above; keeps its name and whether it is async.
+    ``isolate=False``: exceptions and time-outs (``TimeoutError``) propagate, as in TRL."""
 
+    def fail(n: int, why: str):
+        warnings.warn(f"reward function {name!r} {why}; its {n} rewards in this batch are unscored", stacklevel=3)
+        return [None] * n
 
-def reward_func_name(func) -> str:
-    return getattr(func, "__name__", None) or type(func).__name__
+    def clean(result, n: int, kwargs):
+        result = list(result)
+        out = [r if r is None or _is_number(r) else None for r in result]
+        bad = sum(o is None and r is not None for o, r in zip(out, result))
+        if bad:
+            warnings.warn(f"reward function {name!r} returned {bad} values that are not numbers; they are unscored",
+                          stacklevel=3)
+        report(kwargs, bad)
+        return out
 
+    def report(kwargs, n):
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            log_metric(f"rewards/{name}/failures", float(n))
 
-def check_reward_signature(func) -> None:
-    """Fails at construction, not at step 50: a reward function must accept prompts=, completions= and **kwargs."""
-    if not callable(func):
-        raise TypeError(f"reward function {func!r} is not callable")
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return
-    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    missing = [n for n in ("prompts", "completions") if n not in params and not has_var_kw]
-    if missing or not has_var_kw:
-        raise TypeError(
-            f"reward function {reward_func_name(func)!r} must have the signature "
-            f"f(prompts, completions, **kwargs) -> list[float | None]; "
-            f"got {inspect.signature(func)}" + (f" (missing {missing})" if missing else " (no **kwargs)")
-        )
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
 
+        @functools.wraps(func)
+        async def guarded_async(*args, **kwargs):
+            n = len(kwargs.get("prompts", args[0] if args else ()))
+            try:
+                result = await asyncio.wait_for(func(*args, **kwargs), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                if not isolate:
+                    raise TimeoutError(f"reward function {name!r} exceeded reward_timeout={timeout}s") from None
+                report(kwargs, n)
+                return fail(n, f"exceeded reward_timeout={timeout}s")
+            except Exception as e:  # noqa: BLE001 - a crashing verifier must not end a long run
+                if not isolate:
+                    raise
+                report(kwargs, n)
+                return fail(n, f"raised {type(e).__name__}: {e}")
+            return clean(result, n, kwargs)
 
-def resolve_reward_funcs(reward_funcs) -> list:
-    """One function, a name of a built-in verifier, or a list of them → a list of checked callables."""
-    from grpo_fast.rewards import get_reward_funcs
+        return guarded_async
 
-    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if not funcs:
-        raise ValueError("reward_funcs is empty: give at least one reward function")
-    out = []
-    for f in funcs:
-        if isinstance(f, str):
-            out += get_reward_funcs([f])
-        elif isinstance(f, torch.nn.Module):
-            raise TypeError("reward models (nn.Module) are not supported; pass f(prompts, completions, **kwargs)")
-        else:
-            check_reward_signature(f)
-            out.append(f)
-    return out
-
-
-def score(funcs: list, names: list[str], rows: list[dict], out, group_size: int, timeout: float | None,
-          step: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Rewards ``[N, R]`` on the CPU (NaN = unscored) for the sampler's output ``out`` on ``rows`` (each repeated
-    ``group_size`` times), and the count of unusable values per function (``rewards/<name>/failures``)."""
-    prompts = [r["prompt"] for r in rows for _ in range(group_size)]
-    conversational = is_conversational(rows[0]["prompt"])
-    texts = out.texts
-    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
-    ids_list = [ids[m.bool()].tolist() for ids, m in zip(out.completion_ids, out.completion_mask)]
-    columns = {k: [r[k] for r in rows for _ in range(group_size)] for k in rows[0] if k != "prompt"}
-    kwargs = dict(columns, completion_ids=ids_list, trainer_state={"global_step": step})
-    n = len(prompts)
-    rewards = torch.full((n, len(funcs)), float("nan"))
-    counters: dict[str, float] = {}
-    for i, (func, name) in enumerate(zip(funcs, names)):
-        values, failed = call_reward(func, name, prompts, completions, kwargs, timeout)
-        rewards[:, i] = torch.tensor(values, dtype=torch.float32)
-        counters[f"rewards/{name}/failures"] = float(failed)
-    return rewards, counters
-
-
-def call_reward(func, name: str, prompts: list, completions: list, kwargs: dict,
-                timeout: float | None) -> tuple[list[float], int]:
-    """Calls one reward function; exceptions, time-outs and non-numbers become NaN (unscored) and are counted.
-    A list of the wrong length is a bug in the function, not a bad sample: it raises."""
-    n = len(prompts)
-    try:
-        if timeout is None:
-            result = func(prompts=prompts, completions=completions, **kwargs)
-        else:
-            result = _call_with_timeout(func, timeout, prompts=prompts, completions=completions, **kwargs)
-    except TimeoutError:
-        warnings.warn(f"reward function {name!r} exceeded reward_timeout={timeout}s; its rewards are unscored")
-        return [math.nan] * n, n
-    except Exception as e:  # noqa: BLE001 — a crashing verifier must not kill a long run
-        warnings.warn(f"reward function {name!r} raised {type(e).__name__}: {e}; its rewards are unscored")
-        return [math.nan] * n, n
-    result = list(result)
-    if len(result) != n:
-        raise ValueError(
-            f"reward function {name!r} returned {len(result)} rewards, but {n} were expected "
-            "(one per prompt-completion pair)"
-        )
-    values, failed = [], 0
-    for r in result:
-        if r is None:
-            values.append(math.nan)
-            continue
+    @functools.wraps(func)
+    def guarded(*args, **kwargs):
+        n = len(kwargs.get("prompts", args[0] if args else ()))
         try:
-            v = float(r)
-        except (TypeError, ValueError):
-            v, failed = math.nan, failed + 1
-        values.append(v)
-    return values, failed
+            result = func(*args, **kwargs) if timeout is None else _call_with_timeout(func, timeout, args, kwargs)
+        except TimeoutError:
+            if not isolate:
+                raise TimeoutError(f"reward function {name!r} exceeded reward_timeout={timeout}s") from None
+            report(kwargs, n)
+            return fail(n, f"exceeded reward_timeout={timeout}s")
+        except Exception as e:  # noqa: BLE001 - a crashing verifier must not end a long run
+            if not isolate:
+                raise
+            report(kwargs, n)
+            return fail(n, f"raised {type(e).__name__}: {e}")
+        return clean(result, n, kwargs)
+
+    return guarded
 
 
-def _call_with_timeout(func, timeout: float, **kwargs):
+def _is_number(value) -> bool:
+    """A real number, or a tensor / numpy scalar holding one (what TRL's ``torch.tensor`` accepts)."""
+    if isinstance(value, (str, bytes)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _call_with_timeout(func, timeout: float, args, kwargs):
     """Runs ``func`` in a daemon thread; a call still running after ``timeout`` seconds is abandoned (a Python
     thread cannot be killed) and raises TimeoutError, so a hung verifier cannot stall or block the run's exit."""
     box: dict = {}
 
     def target():
         try:
-            box["result"] = func(**kwargs)
+            box["result"] = func(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
 

@@ -118,15 +118,19 @@ class SharedPrefixGeneration:
             # no tokenizer: TRL decodes the completions itself, and no stop strings are passed (they would need one)
             sampler = SharedPrefixSampler(unwrapped_model)
             runs = _runs(prompt_ids)
+            seeds = self._prompt_seeds(len(runs))
             # one call for the whole batch when every prompt has the same group size (the usual case)
             batches = [runs] if len({count for _, count in runs}) == 1 else [[run] for run in runs]
+            first = 0
             for batch in batches:
+                seed = None if seeds is None else seeds[first : first + len(batch)]
+                first += len(batch)
                 out = sampler.generate(
                     [prompt for prompt, _ in batch], group_size=batch[0][1], max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature,
                     top_p=cfg.top_p if cfg.top_p is not None else 1.0, top_k=cfg.top_k or None, min_p=cfg.min_p,
                     repetition_penalty=cfg.repetition_penalty if cfg.repetition_penalty is not None else 1.0,
-                    eos_token_id=eos,
+                    eos_token_id=eos, seed=seed,
                 )
                 lengths = out.completion_mask.sum(dim=1).tolist()
                 for ids, lps, n in zip(out.completion_ids.tolist(), out.logprobs.tolist(), lengths, strict=True):
@@ -139,6 +143,10 @@ class SharedPrefixGeneration:
                 stash[row, : len(lps)] = torch.tensor(lps)
             self._sampled_logps = stash
         return completion_ids, logprobs
+
+    def _prompt_seeds(self, count: int) -> list[int] | None:
+        """Sampling seeds for the ``count`` prompts of a generation call; None: drawn from torch's global RNG."""
+        return None
 
     def _old_logps_recomputed(self) -> bool:
         """TRL 1.16's condition for its extra no-grad forward pass computing ``old_per_token_logps``."""
