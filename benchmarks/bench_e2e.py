@@ -1,20 +1,35 @@
-"""Seconds per GRPO step, grpo_fast vs TRL's GRPOTrainer, on the same model, batch, G, lengths and beta, in one run.
+"""Seconds per GRPO step, grpo_fast's TRL-based trainer vs TRL's GRPOTrainer, same model, batch, G, lengths, beta and
+seed, in one run.
 
-Two configs: "short" (≈20-token chat prompts, 24 new tokens) and "long" (a ≈200-token few-shot prompt, 32 new
-tokens). Each trainer runs ``--warmup`` optimizer steps untimed, then ``--steps`` timed ones; the wall time of a
-step is measured between consecutive step-end callbacks, and split into sampling / reward / update / other.
-update is the policy's log-probs, loss and backward (ours: and the optimizer step, which TRL's loop runs outside
-``training_step``); other is the rest (reference log-probs, TRL's optimizer step, logging). Both run on
-``--device`` (cpu, or cuda with the peak GPU memory of each), fp32 or both with ``--bf16`` (TRL: accelerate's
-autocast; ours: the trainer's), without gradient checkpointing, with learning rate 1e-6 and the same seed;
-completions may stop at EOS at different lengths, so the mean completion length of each is reported next to its
-time. ``--weights random`` is a random-init model of SmolLM2-135M's shape with the character tokenizer of
+"ours" is ``grpo_fast.GRPOTrainer`` with ``grpo_fast.GRPOConfig`` when that is TRL's trainer subclassed, else
+``grpo_fast.integrations.trl.FastGRPOTrainer`` with ``trl.GRPOConfig`` (the same class underneath); the JSON says
+which. Three configs:
+
+- "short": ≈20-token chat prompts, 24 new tokens, 2 prompts × G = 8, no gradient checkpointing;
+- "long": a ≈200-token few-shot chat prompt, 32 new tokens, 2 prompts × G = 8, no gradient checkpointing;
+- "first-user": TRL's defaults (gradient checkpointing on, lr 1e-6, dapo, beta 0) with a plain ≈15-token prompt,
+  num_generations 16, max_completion_length 24, and per_device_train_batch_size 16 (one prompt a step: TRL's
+  default of 8 is refused with G = 16).
+
+Each trainer runs ``--warmup`` optimizer steps untimed, then ``--steps`` timed ones; the wall time of a step is
+measured between consecutive step-end callbacks. Both trainers are timed through the same TRL methods (wrapped, not
+changed): sampling = ``_generate`` (tokenizing, generating, decoding), reward = ``_calculate_rewards``, update =
+``training_step`` minus its ``_prepare_inputs`` (the policy's log-probs, loss and backward), other = the rest of the
+step (the rest of ``_prepare_inputs`` — old/reference log-probs, advantages — the optimizer step, logging); the
+rest of ``_prepare_inputs`` alone is also recorded as ``scoring_s``. Both run fp32 on ``--device`` (cpu, or cuda
+with the peak GPU memory of each; ``--bf16`` on cuda only: TRL would autocast the CPU), with the same seed;
+completions may stop at EOS at different lengths, so each one's mean completion length is reported next to its
+time. On the CPU the peak resident memory of each trainer's run (training only, over what was resident before) is
+recorded too. ``--threads 1`` on a shared, loaded machine: there, with 2 threads on 2 cores, each small op waits on
+its sleeping partner thread (a 16 × 576 × 1536 matmul took 11.7 ms with 2 threads and 1.3 ms with 1 at load 9).
+``--weights random`` is a random-init model of SmolLM2-135M's shape with the character tokenizer of
 grpo_fast.testing (for machines without the embedded model; ids past that tokenizer decode to nothing).
 
-Simplifications: TRL is timed through its own methods ``_generate``, ``_calculate_rewards``, ``training_step`` and
-``_prepare_inputs`` (wrapped, not changed); one process each, one after the other.
+Simplifications: one process, the two trainers one after the other (ours first), so load drift on a shared machine
+enters the ratio; the JSON records the load average.
 
-    python benchmarks/bench_e2e.py [--configs short,long] [--steps 3] [--warmup 1] [--device cuda --bf16]
+    python benchmarks/bench_e2e.py [--configs short,long,first-user] [--steps 3] [--warmup 1] [--threads 1]
+                                   [--device cuda --bf16]
 """
 
 from __future__ import annotations
@@ -22,11 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import git_commit, load_average
+from common import git_commit, load_average, proc_status_bytes, reset_cpu_peak
 from transformers import TrainerCallback
 
 FEW_SHOT = (
@@ -46,17 +62,25 @@ def make_rows(kind: str, n: int, seed: int = 0) -> list[dict]:
         a, b = (torch.randint(10, 100, (2,), generator=g)).tolist()
         if kind == "short":
             prompt = [{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}]
-        else:
+        elif kind == "long":
             prompt = [{"role": "user", "content": FEW_SHOT + f"Question: What is {a} + {b}?\nAnswer:"}]
+        else:  # a plain-text prompt (TRL's "standard" format: no chat template)
+            prompt = f"Question: what is {a} plus {b}? Give the number.\nAnswer:"
         rows.append({"prompt": prompt, "answer": str(a + b)})
     return rows
 
 
-CONFIGS = {"short": {"max_completion_length": 24}, "long": {"max_completion_length": 32}}
+# per config: the options that differ from the CLI's (prompts × num_generations per step, no checkpointing)
+CONFIGS = {
+    "short": {"max_completion_length": 24},
+    "long": {"max_completion_length": 32},
+    "first-user": {"max_completion_length": 24, "num_generations": 16, "per_device_train_batch_size": 16,
+                   "gradient_checkpointing": True},
+}
 
 
 class StepTimer(TrainerCallback):
-    """Records the wall time at each optimizer step's end (a transformers callback: TRL and grpo_fast call it)."""
+    """Records the wall time at each optimizer step's end (a transformers callback: both trainers call it)."""
 
     def __init__(self):
         self.times: list[float] = []
@@ -82,6 +106,22 @@ def load(args):
     return model.to(args.device), tok
 
 
+def ours():
+    """(trainer class, config class, name) of grpo_fast's TRL-based trainer."""
+    import trl
+
+    try:
+        from grpo_fast import GRPOConfig, GRPOTrainer
+
+        if issubclass(GRPOTrainer, trl.GRPOTrainer) and issubclass(GRPOConfig, trl.GRPOConfig):
+            return GRPOTrainer, GRPOConfig, "grpo_fast.GRPOTrainer"
+    except ImportError:
+        pass
+    from grpo_fast.integrations.trl import FastGRPOTrainer
+
+    return FastGRPOTrainer, trl.GRPOConfig, "grpo_fast.integrations.trl.FastGRPOTrainer"
+
+
 def peak_memory(device: str, reset: bool = False) -> float | None:
     """Peak GPU memory in GiB since the last reset (None on the CPU)."""
     if device != "cuda":
@@ -93,11 +133,10 @@ def peak_memory(device: str, reset: bool = False) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def common(args, kind) -> dict:
-    return dict(
+def options(args, kind) -> dict:
+    kw = dict(
         per_device_train_batch_size=args.prompts * args.num_generations,
         num_generations=args.num_generations,
-        max_completion_length=CONFIGS[kind]["max_completion_length"],
         learning_rate=1e-6,
         beta=args.beta,
         temperature=1.0,
@@ -106,56 +145,39 @@ def common(args, kind) -> dict:
         seed=0,
         gradient_checkpointing=False,
         bf16=args.bf16,
-        report_to=[],
+        use_cpu=args.device == "cpu",
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
     )
+    kw.update(CONFIGS[kind])
+    return kw
 
 
-def split(timer: StepTimer, parts: dict[str, list[float]], warmup: int, steps: int) -> dict:
-    step_times = [b - a for a, b in zip(timer.times[warmup - 1 : -1], timer.times[warmup:])] if warmup else []
-    if not warmup:
-        raise ValueError("--warmup must be >= 1 (the first step's start is not observed)")
+def split(timer: StepTimer, parts: dict[str, list[float]], warmup: int) -> dict:
+    """Mean seconds per timed step, in total and per part (one entry per step in each list)."""
+    step_times = [b - a for a, b in zip(timer.times[warmup - 1 : -1], timer.times[warmup:])]
     total = sum(step_times) / len(step_times)
-    out = {"s_per_step": total}
+    out = {"s_per_step": total, "step_s": step_times}
     for name, values in parts.items():
-        out[f"{name}_s"] = sum(values[warmup:]) / max(len(values[warmup:]), 1)
-    out["other_s"] = total - sum(out[f"{k}_s"] for k in parts)
+        out[f"{name}_s"] = sum(values[warmup:]) / len(values[warmup:])
+    out["other_s"] = total - sum(out[f"{k}_s"] for k in ("sampling", "reward", "update"))
     return out
 
 
-def run_grpo_fast(args, kind, out_dir) -> dict:
-    from grpo_fast import GRPOConfig, GRPOTrainer
-    from grpo_fast.rewards import accuracy_reward
-
-    model, tok = load(args)
-    peak_memory(args.device, reset=True)
-    timer = StepTimer()
-    cfg = GRPOConfig(output_dir=str(out_dir / f"grpo_fast_{kind}"), **common(args, kind))
-    trainer = GRPOTrainer(model, [accuracy_reward], args=cfg, train_dataset=make_rows(kind, 256),
-                          processing_class=tok, callbacks=[timer])
-    history = trainer.train()
-    parts = {name: [r[f"timing/{name}_s"] for r in history] for name in ("sampling", "reward", "update")}
-    res = split(timer, parts, args.warmup, args.steps)
-    res["peak_gpu_gib"] = peak_memory(args.device)
-    res["mean_completion_length"] = sum(r["completions/mean_length"] for r in history[args.warmup:]) / args.steps
-    res["prompt_tokens"] = len(trainer.encode(make_rows(kind, 1)[0]["prompt"]))
-    return res
-
-
-def run_trl(args, kind, out_dir) -> dict:
-    from trl import GRPOConfig, GRPOTrainer
-
-    from grpo_fast.rewards import accuracy_reward
-
-    model, tok = load(args)
-    peak_memory(args.device, reset=True)
-    timer = StepTimer()
-    kw = common(args, kind)
-    kw["report_to"] = "none"
-    cfg = GRPOConfig(output_dir=str(out_dir / f"trl_{kind}"), use_cpu=args.device == "cpu", save_strategy="no",
-                     disable_tqdm=True, **kw)
+def run(args, kind, which: str, out_dir: Path) -> dict:
+    """One trainer (``which``: "ours" or "trl") on config ``kind``: its mean step time and split."""
+    import trl
     from datasets import Dataset
 
-    trainer = GRPOTrainer(model, [accuracy_reward], args=cfg, train_dataset=Dataset.from_list(make_rows(kind, 256)),
+    from grpo_fast.rewards import accuracy_reward
+
+    trainer_cls, config_cls = (trl.GRPOTrainer, trl.GRPOConfig) if which == "trl" else ours()[:2]
+    model, tok = load(args)
+    peak_memory(args.device, reset=True)
+    timer = StepTimer()
+    cfg = config_cls(output_dir=str(out_dir / f"{which}_{kind}"), **options(args, kind))
+    trainer = trainer_cls(model, [accuracy_reward], args=cfg, train_dataset=Dataset.from_list(make_rows(kind, 256)),
                           processing_class=tok, callbacks=[timer])
     parts: dict[str, list[float]] = {"sampling": [], "reward": [], "step": [], "prepare": []}
 
@@ -173,60 +195,80 @@ def run_trl(args, kind, out_dir) -> dict:
     trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
     trainer.training_step = timed("step", trainer.training_step)
     trainer._prepare_inputs = timed("prepare", trainer._prepare_inputs)
+    rss0 = reset_cpu_peak() if args.device == "cpu" else None
     trainer.train()
     # one training_step per optimizer step (gradient_accumulation_steps = 1); its _prepare_inputs samples and scores
-    parts["update"] = [a - b for a, b in zip(parts.pop("step"), parts.pop("prepare"))]
-    res = split(timer, parts, args.warmup, args.steps)
+    prepare = parts.pop("prepare")
+    parts["update"] = [a - b for a, b in zip(parts.pop("step"), prepare)]
+    parts["scoring"] = [p - s - r for p, s, r in zip(prepare, parts["sampling"], parts["reward"])]
+    res = split(timer, parts, args.warmup)
     res["peak_gpu_gib"] = peak_memory(args.device)
+    res["peak_rss_extra_gib"] = (proc_status_bytes("VmHWM") - rss0) / 2**30 if rss0 is not None else None
     lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
-    res["mean_completion_length"] = sum(lengths[args.warmup:]) / max(len(lengths[args.warmup:]), 1)
+    res["mean_completion_length"] = sum(lengths[args.warmup:]) / len(lengths[args.warmup:])
+    prompt = make_rows(kind, 1)[0]["prompt"]
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if kind != "first-user" else prompt
+    res["prompt_tokens"] = len(tok(text, add_special_tokens=False)["input_ids"])
     return res
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default="short,long")
+    p.add_argument("--configs", default="short,long,first-user")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
-    p.add_argument("--num_generations", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step (short, long)")
+    p.add_argument("--num_generations", type=int, default=8, help="G (short, long)")
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers (with --device cuda)")
     p.add_argument("--weights", choices=("default", "random"), default="default")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 on a loaded machine, where threads spin-wait")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
-    if args.bf16 and args.device != "cuda":  # TRL would autocast the CPU, grpo_fast stays fp32 there: not like for like
-        p.error("--bf16 needs --device cuda (grpo_fast trains in fp32 on the CPU)")
-    import tempfile
-
+    if args.bf16 and args.device != "cuda":
+        p.error("--bf16 needs --device cuda (both trainers run fp32 on the CPU here)")
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the first timed step's start is the warm-up's end)")
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        p.error(f"unknown configs {sorted(unknown)}; choose from {sorted(CONFIGS)}")
     import transformers
     import trl
 
     work = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
-    torch.manual_seed(0)
+    load_before = load_average()
     rows = []
     for kind in args.configs.split(","):
-        ours = run_grpo_fast(args, kind, work)
-        theirs = run_trl(args, kind, work)
-        speedup = theirs["s_per_step"] / ours["s_per_step"]
-        rows.append({"config": kind, "grpo_fast": ours, "trl": theirs, "speedup": speedup})
-        print(f"\n[{kind}] prompt ≈{ours['prompt_tokens']} tokens, {args.prompts} prompts x G={args.num_generations}")
-        print(f"{'':10s} {'s/step':>8s} {'sampling':>9s} {'reward':>8s} {'update':>8s} {'other':>8s} {'mean len':>9s}"
-              f" {'peak GiB':>9s}")
-        for name, r in (("grpo_fast", ours), ("trl", theirs)):
-            peak = f"{r['peak_gpu_gib']:9.2f}" if r["peak_gpu_gib"] is not None else f"{'-':>9s}"
+        mine = run(args, kind, "ours", work)
+        theirs = run(args, kind, "trl", work)
+        speedup = theirs["s_per_step"] / mine["s_per_step"]
+        opts = options(args, kind)
+        rows.append({"config": kind, "options": {k: opts[k] for k in ("per_device_train_batch_size", "num_generations",
+                                                                      "max_completion_length", "gradient_checkpointing")},
+                     "grpo_fast": mine, "trl": theirs, "speedup": speedup, "load": load_average()})
+        print(f"\n[{kind}] prompt ≈{mine['prompt_tokens']} tokens, {opts['per_device_train_batch_size']} completions "
+              f"(G={opts['num_generations']}), {opts['max_completion_length']} new tokens, gradient checkpointing "
+              f"{'on' if opts['gradient_checkpointing'] else 'off'}")
+        print(f"{'':10s} {'s/step':>8s} {'sampling':>9s} {'reward':>8s} {'update':>8s} {'other':>8s} {'(scoring)':>9s}"
+              f" {'mean len':>9s} {'peak GiB':>9s}")
+        for name, r in (("grpo_fast", mine), ("trl", theirs)):
+            peak = r["peak_gpu_gib"] if r["peak_gpu_gib"] is not None else r["peak_rss_extra_gib"]
             print(f"{name:10s} {r['s_per_step']:8.2f} {r['sampling_s']:9.2f} {r['reward_s']:8.3f} {r['update_s']:8.2f} "
-                  f"{r['other_s']:8.2f} {r['mean_completion_length']:9.1f} {peak}")
-        print(f"speed-up: {rows[-1]['speedup']:.2f}x")
+                  f"{r['other_s']:8.2f} {r['scoring_s']:9.2f} {r['mean_completion_length']:9.1f} {peak:9.2f}")
+        print(f"speed-up: {speedup:.2f}x   ({rows[-1]['load']})")
     cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     device = "cuda:" + torch.cuda.get_device_name() if args.device == "cuda" else cpu
     result = {
-        "device": device,
+        "device": device, "ours": ours()[2],
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-        "commit": git_commit(), "load": load_average(), "args": vars(args), "results": rows,
+        "commit": git_commit(), "load_before": load_before, "load": load_average(), "args": vars(args),
+        "results": rows,
     }
     suffix = args.device + ("_bf16" if args.bf16 else "")
     out = Path(args.out or Path(__file__).parent / "results" / f"e2e_{suffix}.json")

@@ -115,7 +115,8 @@ class SharedPrefixGeneration:
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            sampler = SharedPrefixSampler(unwrapped_model, self._tokenizer)
+            # no tokenizer: TRL decodes the completions itself, and no stop strings are passed (they would need one)
+            sampler = SharedPrefixSampler(unwrapped_model)
             runs = _runs(prompt_ids)
             seeds = self._prompt_seeds(len(runs))
             # one call for the whole batch when every prompt has the same group size (the usual case)
