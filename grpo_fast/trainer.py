@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 
@@ -77,6 +78,13 @@ class GRPOTrainer(DynamicSampling, FastGRPOTrainer):
         return [(base * 1_000_003 + first + i) & _MASK62 for i in range(count)]
 
     # -- non-finite steps ----------------------------------------------------------------------------------------
+    _step_grad_norm = None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """transformers' pre-step gradient norm (global over ranks), kept for the non-finite check."""
+        self._step_grad_norm = super()._get_grad_norm(model, grad_norm)
+        return self._step_grad_norm
+
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         if not getattr(optimizer, "_grpo_fast_guarded", False):
@@ -91,7 +99,10 @@ class GRPOTrainer(DynamicSampling, FastGRPOTrainer):
 
         @functools.wraps(step)
         def guarded(*args, **kwargs):
-            finite = _gradients_finite(optimizer)
+            # the global gradient norm transformers computed just before this step (clipping or logging) is finite
+            # exactly when every gradient is, on every rank; without it (a custom loop) the gradients are read
+            norm, self._step_grad_norm = self._step_grad_norm, None
+            finite = _gradients_finite(optimizer) if norm is None else math.isfinite(float(norm))
             self._metrics["train"]["skipped_steps"].append(0.0 if finite else 1.0)
             if finite:
                 self._skipped_in_a_row = 0
