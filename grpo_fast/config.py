@@ -1,5 +1,6 @@
 """GRPOConfig: TRL 1.16's ``trl.GRPOConfig`` (every field, name, default and check is TRL's and transformers') plus the
-few options of grpo_fast's own parts.
+few options of grpo_fast's own parts, and a check of the loss and sampling values TRL accepts at construction and
+fails on later (or never): each is refused here by name with its valid values.
 
 Ours, each read by ``grpo_fast.GRPOTrainer``:
 - ``use_shared_prefix_sampler``: generation by the shared-prefix KV-cache sampler (each prompt prefilled once for its
