@@ -9,7 +9,8 @@ Why the seeding in these tests (tests/dist_worker.py has the switches):
   (``set_seed(seed, device_specific=True)``), so for TRL's generation path we compare our trainer with TRL's
   trainer on 2 ranks, generation reseeded identically in both (``--reseed``).
 - FSDP: accelerate 1.15 selects FSDP only for GPU-like distributed types (``AcceleratorState``), so on
-  MULTI_CPU ``fsdp="full_shard"`` trains as DDP; that test runs the comparison and then skips, saying so.
+  MULTI_CPU ``fsdp="full_shard"`` trains as DDP; that test runs the comparison and then skips, saying so. The
+  log-prob path is checked under FSDP2 directly instead (``fully_shard``, tests/fsdp_worker.py).
 """
 
 import os
@@ -86,6 +87,21 @@ def test_fsdp_two_ranks_match_one_rank(tmp_path):
     assert_same_run(one, two)
     if not two["sharded"]:
         pytest.skip("accelerate runs MULTI_CPU without FSDP (fsdp='full_shard' trained as DDP): FSDP needs GPUs")
+
+
+def test_fsdp2_fused_logprobs_match_unsharded(tmp_path):
+    """The log-prob path under FSDP2 itself (fully_shard per layer and the root, 2 gloo ranks; tests/fsdp_worker.py):
+    each rank's log-probs and the averaged gradients equal the unsharded model's. A head weight read outside the
+    root's forward (still a shard) or a decoder called past the root's hooks fails here."""
+    out = tmp_path / "fsdp.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(30500 + os.getpid() % 1000), str(Path(__file__).with_name("fsdp_worker.py")), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(out, weights_only=False)
+    assert result["sharded"] and result["grad_norm"] > 0
+    assert result["logp_err"] <= 1e-5 and result["grad_err"] <= 1e-5, result
 
 
 def test_resume_is_bit_exact(tmp_path):

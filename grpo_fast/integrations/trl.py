@@ -146,7 +146,6 @@ class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if hasattr(unwrapped, "get_base_model"):  # PEFT: the adapters live inside the base model's modules
             unwrapped = unwrapped.get_base_model()
-        head = lm_head_of(unwrapped)
         L = logits_to_keep
         runs = self._shared_prefix_runs(unwrapped, input_ids, attention_mask, L)
         n = input_ids.size(0)
@@ -165,6 +164,7 @@ class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
                     hidden = self._shared_prefix_hidden(unwrapped, ids, mask, L, chunk)  # [n, L, D]
             if self.args.cast_lm_head_to_fp32:  # TRL's fp32 head (its __init__ cast the weight): fp32 hidden too
                 hidden = hidden.float()
+            head = lm_head_of(unwrapped)  # read inside the forward: FSDP2 has gathered the root's (head's) weight
             targets = ids[:, -L:].masked_fill(mask[:, -L:] == 0, -100)  # [n, L]
             logp, entropy = linear_logprobs(
                 hidden.reshape(rows * L, -1), head.weight, targets.reshape(-1),
