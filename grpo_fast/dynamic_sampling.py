@@ -14,8 +14,8 @@ Semantics, each a deliberate choice:
   whatever ``scale_rewards`` is (with ``"batch"`` TRL's own flag is batch-wide).
 - **Fresh prompts** come from the train dataset by index, drawn with a generator seeded by (``seed``, optimizer step,
   process, round): deterministic, identical after a resume, and TRL's dataloader is not consumed. Their sampling
-  seeds continue the step's prompt counter (``GRPOTrainer._prompt_seeds``), so a prompt drawn again is not sampled
-  with the seeds it had before.
+  seeds continue the step's prompt counter (``GRPOTrainer._prompt_seeds`` with ``_seed_offset``), so a prompt drawn
+  again is not sampled with the seeds it had before.
 - **Several processes.** Each process replaces its own zero-std groups with groups it generated itself; groups never
   move between processes. TRL's generation gathers over processes, so every process must make the same calls with the
   same sizes: the rewards are gathered, every process sees every process's zero-std groups, and each round every
@@ -213,17 +213,10 @@ class DynamicSampling:
         return [dict(row) for row in rows for _ in range(self.num_generations)]
 
     def _generate_with_seed_offset(self, inputs: list[dict], offset: int) -> dict:
-        """TRL's ``_generate_and_score_completions`` with the sampling seeds of prompts ``offset, offset + 1, …`` of
-        this step, so replacement prompts do not reuse the seeds of the prompts sampled before them. The seed method
-        is shadowed on the instance for this call because subclasses (``GRPOTrainer``) define it."""
-        seeds_of = self._prompt_seeds
-
-        def shifted(count: int):
-            seeds = seeds_of(offset + count)
-            return None if seeds is None else seeds[offset:]
-
-        self._prompt_seeds = shifted
+        """TRL's ``_generate_and_score_completions`` with the sampling seeds of the step's prompts after the first
+        ``offset`` per process (``_seed_offset``), so replacement prompts do not reuse earlier prompts' seeds."""
+        self._seed_offset = offset
         try:
             return super()._generate_and_score_completions(inputs)
         finally:
-            del self._prompt_seeds
+            self._seed_offset = 0

@@ -70,11 +70,13 @@ class GRPOTrainer(DynamicSampling, FastGRPOTrainer):
     # -- sampling seeds ------------------------------------------------------------------------------------------
     def _prompt_seeds(self, count: int) -> list[int]:
         """One sampling seed per prompt of this generation call, from (seed, optimizer step, train/eval, the
-        prompt's index in the global batch: rank · count + i): a completion depends on nothing else (not the global
+        prompt's index in the step's global prompt stream): a completion depends on nothing else (not the global
         RNG, not the other prompts), so a run resumed from a checkpoint samples what the uninterrupted run sampled,
-        and 2 ranks × b prompts sample what 1 rank × 2b does."""
+        and 2 ranks × b prompts sample what 1 rank × 2b does. Every process makes the same calls with the same
+        ``count`` (TRL's gathers need it), so after ``_seed_offset`` prompts per process have been sampled this step
+        (dynamic sampling's later rounds), prompt i of process r is number ``world · offset + r · count + i``."""
         base = (self.args.seed * 1_000_003 + self.state.global_step) * 2 + int(self.model.training)
-        first = self.accelerator.process_index * count
+        first = self.accelerator.num_processes * self._seed_offset + self.accelerator.process_index * count
         return [(base * 1_000_003 + first + i) & _MASK62 for i in range(count)]
 
     # -- non-finite steps ----------------------------------------------------------------------------------------

@@ -144,6 +144,9 @@ class SharedPrefixGeneration:
             self._sampled_logps = stash
         return completion_ids, logprobs
 
+    #: prompts per process already sampled in this step before the current generation call (see _prompt_seeds)
+    _seed_offset: int = 0
+
     def _prompt_seeds(self, count: int) -> list[int] | None:
         """Sampling seeds for the ``count`` prompts of a generation call; None: drawn from torch's global RNG."""
         return None
