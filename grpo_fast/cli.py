@@ -100,8 +100,6 @@ def cmd_train(argv: list[str]) -> int:
     args, flags = p.parse_known_args(argv)
     config = _config(values, flags)
 
-    from datasets import Dataset
-
     from grpo_fast.evaluation import greedy_accuracy
     from grpo_fast.models import load_model
     from grpo_fast.trainer import GRPOTrainer
@@ -109,8 +107,7 @@ def cmd_train(argv: list[str]) -> int:
     model, tokenizer = load_model(args.model)
     reward_funcs = _reward_funcs(args)
     eval_rows = _rows(args, "eval", args.eval_prompts)[: args.eval_prompts] if args.eval_prompts else None
-    trainer = GRPOTrainer(model, reward_funcs, args=config,
-                          train_dataset=Dataset.from_list(_rows(args, "train", args.task_size)),
+    trainer = GRPOTrainer(model, reward_funcs, args=config, train_dataset=_rows(args, "train", args.task_size),
                           processing_class=tokenizer)
 
     def evaluate():

@@ -90,15 +90,8 @@ class GRPOConfig(_TRLGRPOConfig):
             raise ValueError(f"reward_errors must be one of {', '.join(REWARD_ERRORS)}; got {self.reward_errors!r}")
         if self.reward_timeout is not None and not self.reward_timeout > 0:
             raise ValueError(f"reward_timeout must be None or a number of seconds > 0; got {self.reward_timeout!r}")
-        if isinstance(self.max_consecutive_skipped_steps, bool) or not isinstance(
-            self.max_consecutive_skipped_steps, int
-        ) or self.max_consecutive_skipped_steps < 0:
-            raise ValueError(
-                f"max_consecutive_skipped_steps must be an int >= 0; got {self.max_consecutive_skipped_steps!r}"
-            )
-        if isinstance(self.max_resample_rounds, bool) or not isinstance(self.max_resample_rounds, int) \
-                or self.max_resample_rounds < 0:
-            raise ValueError(f"max_resample_rounds must be an int >= 0; got {self.max_resample_rounds!r}")
+        _check_int(self, "max_consecutive_skipped_steps", 0)
+        _check_int(self, "max_resample_rounds", 0)
         super().__post_init__()
         self._check_trl_values()
 
@@ -108,21 +101,25 @@ class GRPOConfig(_TRLGRPOConfig):
         from grpo_fast.kernels.loss_options import LossOptions
 
         LossOptions.from_config(self)
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"temperature must be a finite float > 0 (it divides the logits); got {self.temperature!r}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature must be a finite float > 0 (it divides the logits); got {t!r}")
         if not self.beta >= 0:
             raise ValueError(f"beta (the KL coefficient) must be >= 0; got {self.beta!r}")
-        mcl = self.max_completion_length
-        if isinstance(mcl, bool) or not isinstance(mcl, int) or mcl < 1:
-            raise ValueError(f"max_completion_length must be an int >= 1; got {mcl!r}")
+        _check_int(self, "max_completion_length", 1)
         check_sampling_options(self.num_generations, self.max_completion_length, self.temperature, self.top_p,
                                self.top_k, self.min_p, self.repetition_penalty, None, None)
 
 
+def _check_int(config, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
 #: grpo_fast's own fields and their defaults, for a trainer given TRL's own config
-OWN_DEFAULTS = {
-    name: f.default for name, f in GRPOConfig.__dataclass_fields__.items() if name not in _TRLGRPOConfig.__dataclass_fields__
-}
+OWN_DEFAULTS = {name: f.default for name, f in GRPOConfig.__dataclass_fields__.items()
+                if name not in _TRLGRPOConfig.__dataclass_fields__}
 
 
 def own_option(args, name: str):

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from trl.data_utils import is_conversational
+
 from grpo_fast.sampler import SharedPrefixSampler
-
-
-def is_conversational(prompt) -> bool:
-    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
     """A row's prompt (text, or chat messages through the chat template with the generation prompt) → token ids,
     as TRL tokenizes them."""
-    if is_conversational(prompt):
+    if is_conversational({"prompt": prompt}):
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if not isinstance(ids, list) else ids  # transformers 5 returns a BatchEncoding
     elif isinstance(prompt, str):
@@ -42,7 +40,10 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], reward_funcs, max_new_to
         out = sampler.generate([encode_prompt(tokenizer, p) for p in prompts], group_size=1,
                                max_new_tokens=max_new_tokens, temperature=0.0)
         texts = list(out.texts)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts
+        if is_conversational({"prompt": prompts[0]}):
+            completions = [[{"role": "assistant", "content": t}] for t in texts]
+        else:
+            completions = texts
         columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
         values = [[float("nan") if v is None else float(v) for v in f(prompts=prompts, completions=completions,
                                                                         **columns)] for f in reward_funcs]

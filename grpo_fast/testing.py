@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 CHARS = list("0123456789+-*/=?:.,() abcdefghijklmnopqrstuvwxyzAW\n")
@@ -55,6 +57,7 @@ def tiny_causal_lm(kind: str = "llama", vocab_size: int = len(CHARS) + 3, seed: 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+@functools.cache
 def cpu_bf16_attention_error() -> str | None:
     """Why torch's CPU bf16 masked SDPA fails on this machine, or None. torch 2.13 refuses it when
     ``ATEN_CPU_CAPABILITY`` forces a narrower vector width than an AVX-512 CPU has ("pack_vnni2 is only supported
