@@ -207,8 +207,9 @@ def run(args, kind, which: str, out_dir: Path) -> dict:
     lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
     res["mean_completion_length"] = sum(lengths[args.warmup:]) / len(lengths[args.warmup:])
     prompt = make_rows(kind, 1)[0]["prompt"]
-    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if kind != "first-user" else prompt
-    res["prompt_tokens"] = len(tok(text, add_special_tokens=False)["input_ids"])
+    if kind != "first-user":  # chat prompts go through the template, as TRL applies it
+        prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    res["prompt_tokens"] = len(tok(prompt, add_special_tokens=False)["input_ids"])
     return res
 
 
@@ -249,8 +250,8 @@ def main():
         theirs = run(args, kind, "trl", work)
         speedup = theirs["s_per_step"] / mine["s_per_step"]
         opts = options(args, kind)
-        rows.append({"config": kind, "options": {k: opts[k] for k in ("per_device_train_batch_size", "num_generations",
-                                                                      "max_completion_length", "gradient_checkpointing")},
+        keys = ("per_device_train_batch_size", "num_generations", "max_completion_length", "gradient_checkpointing")
+        rows.append({"config": kind, "options": {k: opts[k] for k in keys},
                      "grpo_fast": mine, "trl": theirs, "speedup": speedup, "load": load_average()})
         print(f"\n[{kind}] prompt ≈{mine['prompt_tokens']} tokens, {opts['per_device_train_batch_size']} completions "
               f"(G={opts['num_generations']}), {opts['max_completion_length']} new tokens, gradient checkpointing "

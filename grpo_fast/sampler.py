@@ -115,7 +115,8 @@ class _SharedPrefixCache(Cache):
 
 
 
-def check_sampling_options(group_size, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop, seed):
+def check_sampling_options(group_size, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop,
+                           seed):
     def bad(name, valid, value):
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
@@ -215,7 +216,8 @@ class SharedPrefixSampler:
         text). ``ignore_eos`` keeps sampling past EOS. ``seed``: one int per prompt (a completion then depends only on
         its prompt, seed, index in the group and step), or an int s (prompt i gets s·1000003 + i), or None (drawn
         from torch's global generator). Returns a ``SampleOutput`` (see its fields)."""
-        check_sampling_options(group_size, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop, seed)
+        check_sampling_options(group_size, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop,
+                               seed)
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         model = self.model

@@ -14,11 +14,11 @@ datasets, reward functions and reward models, ``trainer.state``, callbacks, ``ev
 This class adds what TRL has no counterpart for, each switchable in ``GRPOConfig`` (see grpo_fast/config.py):
 reward functions that hang or crash cost their rewards, not the run (``reward_timeout``, ``reward_errors``); an
 optimizer step with a non-finite gradient is skipped (``max_consecutive_skipped_steps``); sampling seeds are
-counter-based per (seed, step, prompt's index in the global batch), so a resumed run samples what the uninterrupted one would have;
-zero-std groups can be replaced by fresh prompts' groups (DAPO's dynamic sampling, ``skip_zero_std_groups``,
-grpo_fast/dynamic_sampling.py); and ``metrics.png`` is written at the end (``plot``). Two conveniences: ``model="smollm2"`` is the embedded
-SmolLM2-135M-Instruct (nothing is downloaded), and a list of row dicts is accepted as a dataset. Given TRL's own
-``trl.GRPOConfig``, these take their defaults.
+counter-based per (seed, step, prompt's index in the global batch), so a resumed run samples what the
+uninterrupted one would have; zero-std groups can be replaced by fresh prompts' groups (DAPO's dynamic sampling,
+``skip_zero_std_groups``, grpo_fast/dynamic_sampling.py); and ``metrics.png`` is written at the end (``plot``).
+Two conveniences: ``model="smollm2"`` is the embedded SmolLM2-135M-Instruct (nothing is downloaded), and a list of
+row dicts is accepted as a dataset. Given TRL's own ``trl.GRPOConfig``, these take their defaults.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Why the seeding in these tests (tests/dist_worker.py has the switches):
 - 2 ranks x b vs 1 rank x 2b: TRL splits each global batch of whole groups over the ranks (the same prompts in
   total), gathers rewards before the group normalization and DDP averages the gradients, so the update is the same
   *if the completions are*. GRPOTrainer's sampling seeds are keyed by the prompt's index in the global batch, so
-  they do not change with the world size, and the comparison is exact up to float rounding. TRL's own generate draws from a per-rank global RNG
-  (``set_seed(seed, device_specific=True)``), so for TRL's generation path we compare our trainer with TRL's
-  trainer on 2 ranks, generation reseeded identically in both (``--reseed``).
+  they do not change with the world size, and the comparison is exact up to float rounding. TRL's own generate
+  draws from a per-rank global RNG (``set_seed(seed, device_specific=True)``), so for TRL's generation path we
+  compare our trainer with TRL's trainer on 2 ranks, generation reseeded identically in both (``--reseed``).
 - FSDP: accelerate 1.15 selects FSDP only for GPU-like distributed types (``AcceleratorState``), so on
   MULTI_CPU ``fsdp="full_shard"`` trains as DDP; that test runs the comparison and then skips, saying so. The
   log-prob path is checked under FSDP2 directly instead (``fully_shard``, tests/fsdp_worker.py).

@@ -30,7 +30,8 @@ def length_reward(prompts, completions, **kwargs):
 def _args(tmp_path, cls=GRPOConfig, **kw):
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                 max_completion_length=3, learning_rate=3e-3, max_steps=2, logging_steps=1, save_strategy="no",
-                report_to="none", seed=3, disable_tqdm=True, lr_scheduler_type="constant", gradient_checkpointing=False, use_cpu=True)
+                report_to="none", seed=3, disable_tqdm=True, lr_scheduler_type="constant", gradient_checkpointing=False,
+                use_cpu=True)
     base.update(kw)
     return cls(**base)
 
