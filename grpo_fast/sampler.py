@@ -232,7 +232,7 @@ class SharedPrefixSampler:
             model.eval()
             # inference mode drops autograd bookkeeping from every decode op; its tensors cannot enter a later
             # autograd graph, so the (small) outputs are cloned back to ordinary tensors outside it
-            with torch.inference_mode():
+            with self._decode_mode(model):
                 opts = SamplingOptions(float(temperature), top_k or 0, float(top_p), float(min_p or 0.0),
                                        float(repetition_penalty), bool(return_truncated_logprobs))
                 args = (prompt_ids, group_size, max_new_tokens, opts, stop or [], seed, ignore_eos, eos, pad)
@@ -248,6 +248,17 @@ class SharedPrefixSampler:
         finally:
             model.set_attn_implementation(prev_impl)
             model.train(was_training)
+
+    def _decode_mode(self, model):
+        """inference_mode, except under the caller's ``torch.autocast`` without CUDA graphs: there no_grad, so that
+        autocast's weight cache (which inference mode disables) casts each weight to bf16 once per call instead of
+        once per decode step; the casts, and so the tokens, are the same. With graphs the cache is bypassed: a graph
+        must not keep reading a cached copy that is freed when the caller's autocast exits."""
+        device = model.get_input_embeddings().weight.device
+        graphs = self.cuda_graphs is not False and device.type == "cuda"
+        if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled() and not graphs:
+            return torch.no_grad()
+        return torch.inference_mode()
 
     def _keys(self, seed, b, g, device) -> torch.Tensor:
         if seed is None:

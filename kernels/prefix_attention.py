@@ -369,11 +369,13 @@ def prefix_decode_attention(
         out, lse = _launch_triton(q, prefix_k, prefix_v, prefix_lens.to(torch.long), suffix_k, suffix_v,
                                   suffix_lens.to(torch.long), offsets, max(max_group, 1), scale, num_splits)
     elif s == 1 and not return_lse:
-        return _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets,
-                             max(max_group, 1), scale)
+        with torch.autocast(q.device.type, enabled=False):  # fp32 scores as promised, not autocast's bf16 bmm
+            return _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets,
+                                 max(max_group, 1), scale)
     else:
-        out, lse = _torch_path(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets,
-                               max(max_group, 1), scale, even)
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _torch_path(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets,
+                                   max(max_group, 1), scale, even)
     return (out, lse) if return_lse else out
 
 

@@ -79,6 +79,21 @@ def test_bf16_torch_path(assert_close_2x, force_backend):
     assert_close_2x(out, ref, plain, name="bf16")
 
 
+@pytest.mark.parametrize("decode_path", [True, False], ids=["decode", "lse"])
+def test_cpu_path_ignores_autocast(decode_path, force_backend):
+    """Under the caller's bf16 autocast (a bf16 sampler or trainer) the CPU path keeps its fp32 scores: the result is
+    bit-identical to the one without autocast, for bf16 and fp32 inputs alike."""
+    force_backend("torch")
+    q, pk, pv, plens, sk, sv, slens = _make(2, 3, 4, 2, 1, 23, 7, 16, ragged=True, seed=7)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = [t.to(dtype) for t in (q, pk, pv)] + [plens] + [t.to(dtype) for t in (sk, sv)] + [slens, 3]
+        plain = prefix_decode_attention(*args, return_lse=not decode_path)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = prefix_decode_attention(*args, return_lse=not decode_path)
+        for a, b in zip(*((plain, under) if not decode_path else ((plain,), (under,))), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), dtype
+
+
 def test_rejects_bad_shapes():
     q = torch.randn(6, 4, 1, 8)
     pk = torch.randn(2, 3, 5, 8)

@@ -188,6 +188,40 @@ def test_eos_finishes_rows_and_survivors_are_unchanged():
     assert out.finish_reasons[0] == "eos" and int(out.completion_mask[0].sum()) <= 4
 
 
+def test_autocast_casts_each_weight_once_per_call(monkeypatch):
+    """Inside the caller's bf16 autocast (TRL's bf16 generation) every weight is cast once per generate call, not once
+    per decode step (inference mode would disable autocast's weight cache), and the tokens and log-probs equal those
+    of the per-step casts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = _model("llama")
+    weights = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # a cast dispatches as to.dtype in inference mode, as _to_copy elsewhere (never both)
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and args[0].data_ptr() in weights:
+                WeightCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def run():
+        WeightCasts.count = 0
+        with torch.autocast("cpu", dtype=torch.bfloat16), WeightCasts():
+            out = SharedPrefixSampler(model).generate(_ids(PROMPTS), group_size=2, max_new_tokens=8, seed=3,
+                                                      ignore_eos=True)
+        return out, WeightCasts.count
+
+    cached, casts = run()
+    assert casts == len(weights)  # each linear's weight once (the tied-or-not LM head included)
+    monkeypatch.setattr(SharedPrefixSampler, "_decode_mode", lambda self, model: torch.inference_mode())
+    per_step, casts_per_step = run()
+    assert casts_per_step >= 8 * len(weights)  # the prefill and every decode step cast them again
+    assert torch.equal(cached.completion_ids, per_step.completion_ids)
+    assert torch.equal(cached.logprobs, per_step.logprobs)
+
+
 def test_kv_cache_is_prefix_once_plus_preallocated_suffix(monkeypatch):
     caches = []
     real_init = sampler_mod._SharedPrefixCache.__init__

@@ -114,6 +114,9 @@ class SharedPrefixGeneration:
             ) as unwrapped_model,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            # one autocast region around the whole call (the model's forward autocasts anyway, as TRL's generate
+            # does): the sampler then casts each weight once per call, not once per decode step
+            self.accelerator.autocast(),
         ):
             # no tokenizer: TRL decodes the completions itself, and no stop strings are passed (they would need one)
             sampler = SharedPrefixSampler(unwrapped_model)
