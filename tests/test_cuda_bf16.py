@@ -62,6 +62,30 @@ def test_bf16_step_runs_in_bf16_with_fp32_master_weights(device, tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp32_head", [False, True], ids=["bf16_head", "fp32_head"])
+def test_bf16_head_precision_follows_trl(device, fp32_head, tmp_path, monkeypatch):
+    """The fused head runs where TRL's fused head runs: inside the bf16 autocast (bf16 GEMMs), or outside it on fp32
+    hidden states with ``cast_lm_head_to_fp32``."""
+    import grpo_fast.integrations.trl as seam
+
+    calls, real = [], seam.linear_logprobs
+
+    def spy(hidden, weight, *args, **kwargs):
+        calls.append((torch.is_autocast_enabled(hidden.device.type), hidden.dtype))
+        return real(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(seam, "linear_logprobs", spy)
+    t = _trainer(tmp_path, device, True, cast_lm_head_to_fp32=fp32_head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.train()
+    assert calls
+    assert all(on is not fp32_head for on, _ in calls)
+    if fp32_head:
+        assert all(dtype == torch.float32 for _, dtype in calls)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bf16_logprobs_match_trl(device, tmp_path):
     """Our fused, shared-prefix log-probs under bf16 autocast vs TRL's fp32 ones: within twice TRL's own bf16 gap."""
     ours16, trl16, trl32 = (_trainer(tmp_path / n, device, bf16, cls) for n, bf16, cls in

@@ -31,6 +31,7 @@ per-process means are averaged (TRL weights them by token counts).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -162,15 +163,20 @@ class FastGRPOTrainer(SharedPrefixGeneration, _TRLGRPOTrainer):
                     hidden = hidden[:, -L - 1 : -1]  # [n, L, D]: the positions predicting each completion token
                 else:
                     hidden = self._shared_prefix_hidden(unwrapped, ids, mask, L, chunk)  # [n, L, D]
-            if self.args.cast_lm_head_to_fp32:  # TRL's fp32 head (its __init__ cast the weight): fp32 hidden too
-                hidden = hidden.float()
-            head = lm_head_of(unwrapped)  # read inside the forward: FSDP2 has gathered the root's (head's) weight
-            targets = ids[:, -L:].masked_fill(mask[:, -L:] == 0, -100)  # [n, L]
-            logp, entropy = linear_logprobs(
-                hidden.reshape(rows * L, -1), head.weight, targets.reshape(-1),
-                temperature=self.temperature / head.scale, bias=head.bias, return_entropy=True,
-                chunk_size=self.logprob_chunk_size, softcap=head.softcap,
-            )
+                # The head computes as TRL's fused head does: under the autocast (bf16 GEMMs), or in fp32 outside it
+                # with cast_lm_head_to_fp32 (TRL's __init__ cast the weight).
+                head_precision = contextlib.nullcontext()
+                if self.args.cast_lm_head_to_fp32:
+                    hidden = hidden.float()
+                    head_precision = torch.autocast(hidden.device.type, enabled=False)
+                head = lm_head_of(unwrapped)  # read inside the forward: FSDP2 has gathered the root's (head's) weight
+                targets = ids[:, -L:].masked_fill(mask[:, -L:] == 0, -100)  # [n, L]
+                with head_precision:
+                    logp, entropy = linear_logprobs(
+                        hidden.reshape(rows * L, -1), head.weight, targets.reshape(-1),
+                        temperature=self.temperature / head.scale, bias=head.bias, return_entropy=True,
+                        chunk_size=self.logprob_chunk_size, softcap=head.softcap,
+                    )
             return logp.view(rows, L), entropy.view(rows, L)
 
         logps, entropies = [], []
