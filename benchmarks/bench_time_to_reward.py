@@ -5,8 +5,8 @@ in one run.
 ``grpo_fast.integrations.trl.FastGRPOTrainer`` with ``trl.GRPOConfig``); the JSON says which. Both train the embedded
 SmolLM2-135M-Instruct on the demo's task (2-digit addition, chat format, accuracy reward) with the demo's
 hyperparameters (configs/demo.yaml: 2 prompts × 8 completions, lr 1e-5, dapo, beta 0, 32 new tokens, fp32, no
-gradient checkpointing, seed 0), and stop when the 5-step moving average of the reward reaches ``--target`` (or
-after ``--max_steps``). The clock starts when ``train()`` is called (model loading excluded).
+gradient checkpointing, seed 0; ``--bf16`` and ``--seed`` change these for both), and stop when the 5-step moving
+average of the reward reaches ``--target`` (or after ``--max_steps``). The clock starts when ``train()`` is called (model loading excluded).
 
 ``--trl_cap F`` shortens the run on a slow machine: TRL (which runs second) stops once its clock passes F times ours
 to the target, so "not reached" then means TRL takes more than F times as long (this is the only claim made).
@@ -54,14 +54,14 @@ class StopAtReward(TrainerCallback):
             control.should_training_stop = True
 
 
-def hyperparameters(max_steps: int) -> dict:
+def hyperparameters(max_steps: int, bf16: bool = False, seed: int = 0) -> dict:
     return dict(per_device_train_batch_size=16, num_generations=8, max_completion_length=32, learning_rate=1e-5,
-                beta=0.0, loss_type="dapo", temperature=1.0, max_steps=max_steps, logging_steps=1, seed=0,
-                gradient_checkpointing=False, bf16=False, lr_scheduler_type="constant", warmup_steps=0,
+                beta=0.0, loss_type="dapo", temperature=1.0, max_steps=max_steps, logging_steps=1, seed=seed,
+                gradient_checkpointing=False, bf16=bf16, lr_scheduler_type="constant", warmup_steps=0,
                 use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
 
 
-def run(which: str, rows, target, max_steps, out, deadline=None) -> dict:
+def run(which: str, rows, target, max_steps, out, deadline=None, bf16=False, seed=0) -> dict:
     import trl
     from datasets import Dataset
 
@@ -71,8 +71,9 @@ def run(which: str, rows, target, max_steps, out, deadline=None) -> dict:
     trainer_cls, config_cls = (trl.GRPOTrainer, trl.GRPOConfig) if which == "trl" else ours()[:2]
     model, tok = load_default_model()
     cb = StopAtReward(target, deadline=deadline)
-    trainer = trainer_cls(model, [accuracy_reward], args=config_cls(output_dir=str(out), **hyperparameters(max_steps)),
-                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[cb])
+    config = config_cls(output_dir=str(out), **hyperparameters(max_steps, bf16, seed))
+    trainer = trainer_cls(model, [accuracy_reward], args=config, train_dataset=Dataset.from_list(rows),
+                          processing_class=tok, callbacks=[cb])
     cb.t0 = time.perf_counter()
     trainer.train()
     return {"reached": cb.reached, "curve": cb.rows, "deadline_s": deadline, "load": load_average()}
@@ -85,6 +86,8 @@ def main() -> None:
     p.add_argument("--trl_cap", type=float, default=None,
                    help="stop TRL once its clock passes this many times ours to the target")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--bf16", action="store_true", help="both trainers under bf16 autocast (TRL's default precision)")
+    p.add_argument("--seed", type=int, default=0, help="the training seed of both trainers")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:
@@ -97,10 +100,12 @@ def main() -> None:
     rows = get_task("arithmetic", n=2000, seed=0, split="train", digits=2, ops=("+",))
     work = Path(tempfile.mkdtemp(prefix="bench_reach_"))
     load_before = load_average()
-    results = {"grpo_fast": run("ours", rows, args.target, args.max_steps, work / "ours")}
+    results = {"grpo_fast": run("ours", rows, args.target, args.max_steps, work / "ours", bf16=args.bf16,
+                                 seed=args.seed)}
     hit = results["grpo_fast"]["reached"]
     deadline = args.trl_cap * hit["s"] if args.trl_cap and hit else None
-    results["trl"] = run("trl", rows, args.target, args.max_steps, work / "trl", deadline)
+    results["trl"] = run("trl", rows, args.target, args.max_steps, work / "trl", deadline, bf16=args.bf16,
+                         seed=args.seed)
     print(f"\ntarget: 5-step moving average of the reward >= {args.target} (max {args.max_steps} steps)")
     for name, r in results.items():
         hit = r["reached"]
