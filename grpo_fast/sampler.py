@@ -144,6 +144,14 @@ def check_sampling_options(group_size, max_new_tokens, temperature, top_p, top_k
         bad("seed", "None, an int, or a list of ints (one per prompt)", seed)
 
 
+def _is_fsdp2(model) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 class SharedPrefixSampler:
     """Samples G completions per prompt from ``model`` (a Hugging Face causal LM using the attention interface).
 
@@ -250,13 +258,19 @@ class SharedPrefixSampler:
             model.train(was_training)
 
     def _decode_mode(self, model):
-        """inference_mode, except under the caller's ``torch.autocast`` without CUDA graphs: there no_grad, so that
-        autocast's weight cache (which inference mode disables) casts each weight to bf16 once per call instead of
-        once per decode step; the casts, and so the tokens, are the same. With graphs the cache is bypassed: a graph
-        must not keep reading a cached copy that is freed when the caller's autocast exits."""
+        """inference_mode, except (no_grad instead):
+        - for an FSDP2 model: FSDP2 allocates each unit's unsharded parameters at their first all-gather and refills
+          them in place at every later one; allocated here as inference tensors, they would break the training
+          forward;
+        - under the caller's ``torch.autocast`` without CUDA graphs: autocast's weight cache (which inference mode
+          disables) then casts each weight to bf16 once per call instead of once per decode step; the casts, and so
+          the tokens, are the same. With graphs the cache is bypassed: a graph must not keep reading a cached copy
+          that is freed when the caller's autocast exits."""
         device = model.get_input_embeddings().weight.device
         graphs = self.cuda_graphs is not False and device.type == "cuda"
         if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled() and not graphs:
+            return torch.no_grad()
+        if _is_fsdp2(model):
             return torch.no_grad()
         return torch.inference_mode()
 

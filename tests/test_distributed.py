@@ -42,12 +42,11 @@ What the FSDP tests find (FSDP2 reduce-scatters the mean gradient; the updates e
   calling the head; it is whole there because accelerate puts [final norm, LM head] in one FSDP unit
   (``reshard_after_forward=False``) that the decoder's final norm all-gathers first (a model whose final norm
   ``_find_final_norm`` misses would leave the head a shard: not covered here).
-- Ours with the shared-prefix sampler fails on the first training forward: ``SharedPrefixSampler.generate`` decodes
-  under ``torch.inference_mode()``, FSDP2 allocates each unit's unsharded parameters at its first all-gather (there,
-  so they are inference tensors) and refills them in place at every later one, and the training forward's
-  all-gather raises "Inplace update to inference tensor outside InferenceMode is not allowed". That test xfails on
-  exactly this error and compares with one rank as soon as the sampler decodes under ``no_grad`` for FSDP2 models
-  (with that change, checked outside the repo, 2 ranks match 1 rank to 1.2e-7).
+- Ours with the shared-prefix sampler equals one process. This test found that the sampler must not decode an
+  FSDP2 model under ``torch.inference_mode()``: FSDP2 allocates each unit's unsharded parameters at its first
+  all-gather (there, so they became inference tensors) and refills them in place at every later one, so the
+  training forward's all-gather raised "Inplace update to inference tensor outside InferenceMode is not allowed".
+  The sampler now decodes FSDP2 models under ``no_grad``.
 """
 
 import os
@@ -141,21 +140,11 @@ def assert_fsdp2(result: dict, world: int = 2):
         assert s["ref_all_dtensor"], s  # TRL's prepare_fsdp shards the reference model too
 
 
-INFERENCE_TENSOR = "Inplace update to inference tensor outside InferenceMode is not allowed"
-
 
 def test_fsdp_two_ranks_match_one_rank(tmp_path):
     """Our trainer (shared-prefix sampler, fused log-probs, shared-prefix update) under FSDP2 through accelerate
     equals one process."""
-    try:
-        two = run_worker(tmp_path / "two", 2, "--fsdp")
-    except WorkerFailed as err:
-        if INFERENCE_TENSOR not in err.stderr:
-            raise
-        pytest.xfail("SharedPrefixSampler.generate decodes under torch.inference_mode(): the FSDP2 units' unsharded "
-                     "parameters, first all-gathered there, are inference tensors, and the training forward's "
-                     f"all-gather into them raises {INFERENCE_TENSOR!r} (grpo_fast/sampler.py needs no_grad for "
-                     "FSDP2 models)")
+    two = run_worker(tmp_path / "two", 2, "--fsdp")
     assert_fsdp2(two)
     one = run_worker(tmp_path / "one", 1)
     assert_same_run(one, two)
