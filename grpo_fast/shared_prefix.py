@@ -2,7 +2,8 @@
 
 ``completion_hidden_states`` (grpo_fast/forward.py) feeds every completion with its own left-padded copy of its
 prompt: N·(P + L) tokens through every layer, forward and backward. Here one forward runs over a flat sequence
-(batch size 1) of ``B·P + N·L`` tokens — the B prompts right-padded to P, then the N completions — with per-token
+(batch size 1) of ``B·P + S`` tokens — the B prompts right-padded to P, then the N completions' S real tokens (no
+trailing padding: the attention alone scatters them back into [N, L] rows) — with per-token
 ``position_ids`` (prompt token t at t, completion token t at ``P_b + t``, exactly the positions the padded path
 gives), so norms, MLPs and RoPE see the same inputs as the padded path. Attention, the only layer that mixes
 tokens, is ``shared_prefix_attention``, registered with ``transformers.AttentionInterface``; it reads the layout
@@ -87,9 +88,10 @@ class PolicyBatch:
 
 @dataclass
 class SharedPrefixBatch:
-    """A policy batch laid out for the shared-prefix forward, and how its attention runs. T = B·P + N·L tokens."""
+    """A policy batch laid out for the shared-prefix forward, and how its attention runs. T = B·P + S tokens: S = the
+    completions' real tokens when each row's padding trails it (``suffix_index``), else S = N·L."""
 
-    input_ids: torch.Tensor  # [1, T]: B right-padded prompts, then N completions
+    input_ids: torch.Tensor  # [1, T]: B right-padded prompts, then the N completions' S tokens
     position_ids: torch.Tensor  # [1, T]
     prefix_valid: torch.Tensor | None  # [B, P] bool: real prompt tokens; None when every prompt has P tokens
     suffix_valid: torch.Tensor  # [N, L, L] bool: completion query i sees its own key j (causal, key kept)
@@ -100,6 +102,8 @@ class SharedPrefixBatch:
     completion_len: int  # L
     impl: str = "auto"  # the completion attention's form, one of IMPLS
     recompute_scores: bool = False  # recompute the completion score blocks in the backward instead of keeping them
+    # [S] flat indices (into N·L) of the completion tokens in the sequence, in order; None: all N·L (padding kept)
+    suffix_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -112,7 +116,9 @@ class SharedPrefixBatch:
     @classmethod
     def from_policy_batch(cls, batch: PolicyBatch, pad_id: int, impl: str = "auto",
                           recompute_scores: bool = False) -> SharedPrefixBatch:
-        """Lays out ``batch`` as one sequence of ``B·P + N·L`` tokens: each prompt appears once, whatever G is.
+        """Lays out ``batch`` as one sequence of ``B·P + S`` tokens: each prompt appears once, whatever G is, and
+        each completion with its real tokens only when its mask is 1…1 0…0 (the usual case: S = Σ lengths; no
+        padding token passes a layer), else with all L (S = N·L).
 
         Positions match ``grpo_fast.forward.padded_inputs``: prompt token t at t, completion token t at
         ``P_b + cumsum(mask)[t] − 1`` (so tokens after a completion's end repeat its last position, as there).
@@ -144,8 +150,14 @@ class SharedPrefixBatch:
             steps = torch.arange(L, device=device).expand(N, L)  # [N, L]
         comp_pos = (offset + plen).repeat_interleave(G)[:, None] + steps  # [N, L]
         prompt_pos = offset[:, None] + torch.arange(P, device=device)[None]  # [B, P]
-        input_ids = torch.cat([prompts.reshape(-1), comp.to(torch.long).reshape(-1)])[None]  # [1, T]
-        position_ids = torch.cat([prompt_pos.reshape(-1), comp_pos.reshape(-1)])[None]  # [1, T]
+        # Trailing padding only (one host read): the completion part keeps the real tokens, else all N·L.
+        trailing = bool((keep == (torch.arange(L, device=device) < keep.sum(1, keepdim=True))).all())
+        suffix_index = keep.reshape(-1).nonzero().squeeze(1) if trailing and not bool(keep.all()) else None
+        comp_ids, comp_pos_flat = comp.to(torch.long).reshape(-1), comp_pos.reshape(-1)  # [N·L]
+        if suffix_index is not None:
+            comp_ids, comp_pos_flat = comp_ids[suffix_index], comp_pos_flat[suffix_index]  # [S]
+        input_ids = torch.cat([prompts.reshape(-1), comp_ids])[None]  # [1, T]
+        position_ids = torch.cat([prompt_pos.reshape(-1), comp_pos_flat])[None]  # [1, T]
 
         causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # [L, L]
         suffix_valid = causal[None] & keep[:, None, :]  # [N, L, L]
@@ -153,12 +165,15 @@ class SharedPrefixBatch:
         # Token t of completion n is predicted by the hidden state of the token before it: the prompt's last real
         # token for t = 0, else completion token t − 1.
         first = (torch.arange(B, device=device) * P + plen - 1).repeat_interleave(G)[:, None]  # [N, 1]
-        rest = B * P + torch.arange(N, device=device)[:, None] * L + torch.arange(L - 1, device=device)[None]
+        slot = torch.arange(N * L, device=device)  # sequence slot (after the prompts) of completion token n·L + t
+        if suffix_index is not None:  # a dropped token's slot is 0: it predicts only padding, whose target is ignored
+            slot = torch.zeros_like(slot).index_copy_(0, suffix_index, torch.arange(len(suffix_index), device=device))
+        rest = B * P + slot.view(N, L)[:, : L - 1]  # [N, L − 1]
         gather_index = torch.cat([first, rest], 1)  # [N, L]
         if min(lens) == P:
             prefix_valid = None  # nothing to mask: spares the attention a pass over its [.., P] scores
         return cls(input_ids, position_ids, prefix_valid, suffix_valid, gather_index, B, P, G, L, impl,
-                   recompute_scores)
+                   recompute_scores, suffix_index)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -346,19 +361,24 @@ def _training_attention(module, query, key, value, attention_mask, dropout=0.0, 
             raise ValueError(f"shared-prefix attention does not support {name}={kwargs[name]!r}")
     N = B * meta.group_size
     H, T, Dh = query.shape[1:]
-    if query.shape[0] != 1 or T != B * P + N * L:
-        raise ValueError(f"query {tuple(query.shape)} is not the shared-prefix batch of {B * P + N * L} tokens")
+    index = meta.suffix_index
+    if query.shape[0] != 1 or T != meta.num_tokens:
+        raise ValueError(f"query {tuple(query.shape)} is not the shared-prefix batch of {meta.num_tokens} tokens")
 
-    def split(x):  # [1, h, T, Dh] -> [B, h, P, Dh], [N, h, L, Dh] (views)
-        return (x[0, :, : B * P].unflatten(1, (B, P)).transpose(0, 1),
-                x[0, :, B * P :].unflatten(1, (N, L)).transpose(0, 1))
+    def split(x):  # [1, h, T, Dh] -> [B, h, P, Dh], [N, h, L, Dh] (the completions back in their padded rows)
+        comp = x[0, :, B * P :]  # [h, S, Dh]
+        if index is not None:  # zero rows at the padding: masked as keys, their queries' outputs dropped below
+            comp = comp.new_zeros(comp.shape[0], N * L, Dh).index_copy(1, index, comp)
+        return x[0, :, : B * P].unflatten(1, (B, P)).transpose(0, 1), comp.unflatten(1, (N, L)).transpose(0, 1)
 
     (pq, cq), (pk, ck), (pv, cv) = split(query), split(key), split(value)
     scale = scaling if scaling is not None else Dh**-0.5
     p_out, c_out = shared_prefix_attention(pq, pk, pv, meta.prefix_valid, cq, ck, cv, meta.suffix_valid,
                                            meta.group_size, scale, dropout, meta.recompute_scores, meta.impl)
-    out = torch.cat([p_out.transpose(1, 2).reshape(B * P, H, Dh), c_out.transpose(1, 2).reshape(N * L, H, Dh)])
-    return out[None], None  # [1, T, H, Dh]
+    c_out = c_out.transpose(1, 2).reshape(N * L, H, Dh)
+    if index is not None:
+        c_out = c_out.index_select(0, index)  # [S, H, Dh]
+    return torch.cat([p_out.transpose(1, 2).reshape(B * P, H, Dh), c_out])[None], None  # [1, T, H, Dh]
 
 
 TRAIN_ATTN_NAME = register_attention("grpo_fast_shared_prefix_train", _training_attention)
@@ -418,7 +438,8 @@ def can_share_prefix(model, max_len: int | None = None) -> tuple[bool, str]:
 def shared_prefix_hidden_states(model, batch: PolicyBatch, pad_id: int, recompute_scores: bool | None = None,
                                 impl: str = "auto") -> torch.Tensor:
     """Final (normed) hidden states predicting each completion token, ``[N, L, D]``: the same contract and values as
-    ``grpo_fast.forward.completion_hidden_states``, computed from ``B·P + N·L`` tokens instead of ``N·(P + L)``.
+    ``grpo_fast.forward.completion_hidden_states``, computed from ``B·P + S`` tokens (S: the completions' real tokens,
+    see ``SharedPrefixBatch``) instead of ``N·(P + L)``. Positions that predict padding hold another token's state.
 
     Gradients reach every parameter exactly as in the padded path; a prompt's activations receive the sum of its
     G completions' gradients. Raises ``ValueError`` for models ``can_share_prefix`` refuses.

@@ -68,9 +68,9 @@ def _compare(kind: str, group_size: int, numerics, tie: bool = False, checkpoint
     ours_h, ours_g = _hidden_and_grads(model, batch, functools.partial(shared_prefix_hidden_states, impl=impl,
                                                                        recompute_scores=recompute), weights)
     hook.remove()
-    N, L = batch.completion_ids.shape
     B, P = len(batch.prompt_ids), max(len(p) for p in batch.prompt_ids)
-    assert shapes == [(1, B * P + N * L, model.config.hidden_size)]  # each prompt once, one forward
+    real = int(batch.completion_mask.sum())  # trailing padding never enters the forward
+    assert shapes == [(1, B * P + real, model.config.hidden_size)]  # each prompt once, one forward
     assert model.config._attn_implementation == "sdpa"
     numerics.check_2x(ours_h, ref_h, plain_h, name="hidden")
     assert set(ours_g) == set(plain_g) == set(ref_g) and len(ours_g) == len(list(model.get_decoder().parameters()))
@@ -117,17 +117,47 @@ def test_layout_holds_each_prompt_once():
     layout = SharedPrefixBatch.from_policy_batch(batch, PAD)
     N, L = batch.completion_ids.shape
     B, P = len(batch.prompt_ids), max(len(p) for p in batch.prompt_ids)
-    assert layout.input_ids.shape == layout.position_ids.shape == (1, B * P + N * L)
-    assert layout.num_tokens == B * P + N * L < N * (P + L)
-    # The prompt tokens appear once per group, the completions once each.
+    keep = batch.completion_mask.bool()
+    S = int(keep.sum())
+    assert S < N * L  # the batch has trailing padding, which the layout drops
+    assert layout.input_ids.shape == layout.position_ids.shape == (1, B * P + S)
+    assert layout.num_tokens == B * P + S < N * (P + L)
+    # The prompt tokens appear once per group, the completions' real tokens once each, in order.
     prompts = layout.input_ids[0, : B * P].view(B, P)
     for b, ids in enumerate(batch.prompt_ids):
         assert prompts[b, : len(ids)].tolist() == ids and (prompts[b, len(ids) :] == PAD).all()
-    assert torch.equal(layout.input_ids[0, B * P :].view(N, L), batch.completion_ids)
+    assert torch.equal(layout.input_ids[0, B * P :], batch.completion_ids[keep])
     # Completion positions are exactly the padded path's.
     _, _, pos, _ = padded_inputs(batch, PAD)
-    assert torch.equal(layout.position_ids[0, B * P :].view(N, L), pos[:, P:])
+    assert torch.equal(layout.position_ids[0, B * P :], pos[:, P:][keep])
+    # Each real completion token t is predicted from token t − 1's slot (t = 0: the prompt's last token).
     assert layout.gather_index.shape == (N, L)
+    for n in range(N):
+        b, length = n // 3, int(keep[n].sum())
+        assert layout.gather_index[n, 0] == b * P + len(batch.prompt_ids[b]) - 1
+        for t in range(1, length):
+            assert layout.input_ids[0, layout.gather_index[n, t]] == batch.completion_ids[n, t - 1]
+
+
+def test_layout_keeps_padding_that_does_not_trail(numerics):
+    """A completion mask with a hole (not 1…1 0…0) keeps all N·L completion tokens, and the forward still matches
+    the padded path."""
+    batch = _batch(3)
+    mask = batch.completion_mask.clone()
+    mask[-1, 2] = 0  # the full-length row loses a middle token
+    batch = PolicyBatch(batch.prompt_ids, batch.completion_ids, mask, 3)
+    layout = SharedPrefixBatch.from_policy_batch(batch, PAD)
+    N, L = batch.completion_ids.shape
+    assert layout.suffix_index is None and layout.num_tokens == 3 * 7 + N * L
+    model = tiny_causal_lm("llama", seed=1)
+    weights = torch.randn(N, L, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    ours_h, ours_g = _hidden_and_grads(model, batch, shared_prefix_hidden_states, weights)
+    plain_h, plain_g = _hidden_and_grads(model, batch, completion_hidden_states, weights)
+    ref_model = tiny_causal_lm("llama", seed=1).double()
+    ref_h, ref_g = _hidden_and_grads(ref_model, batch, completion_hidden_states, weights)
+    numerics.check_2x(ours_h, ref_h, plain_h, name="hidden")
+    for name in ref_g:
+        numerics.check_2x(ours_g[name], ref_g[name], plain_g[name], name=name)
 
 
 def _op_args(group_size, H, Hkv, full_prompts, dtype, seed=0):

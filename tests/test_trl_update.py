@@ -126,12 +126,15 @@ def _compare(trainer, inputs, numerics, model=None, batch_size=None, ref_model=N
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_whole_groups_match_padded_path(tmp_path, kind, numerics):
-    """Ragged prompts (left padding 0, 4, 2), completions ending early; the decoder sees B·P + N·L tokens."""
+    """Ragged prompts (left padding 0, 4, 2), completions ending early; the decoder sees B·P + S tokens (S: the
+    completions' real tokens)."""
     trainer = _trainer(tmp_path, kind)
     inputs = _inputs([7, 3, 5], [3, 3, 3])
     ours, plain = _compare(trainer, inputs, numerics)
     N, L = 9, inputs[2]
-    assert ours == [(1, 3 * 7 + N * L)], "each prompt once, in one forward"
+    S = int(inputs[1][:, -L:].sum())
+    assert S < N * L
+    assert ours == [(1, 3 * 7 + S)], "each prompt once, no trailing padding, in one forward"
     assert plain == [(N, 7 + L)]
 
 
@@ -142,8 +145,9 @@ def test_mixed_group_sizes_and_chunks(tmp_path, numerics):
     inputs = _inputs([4, 6, 2, 5, 3], [3, 1, 3, 1, 1])
     ours, _ = _compare(trainer, inputs, numerics, batch_size=8)
     L = inputs[2]
+    real = inputs[1][:, -L:].sum(1).tolist()  # each row's real completion tokens, rows in order [3, 1, 3, 1, 1]
     # chunks [3, 1, 3, 1] and [1]: in the first, the two G = 3 groups (P = 4) then the two G = 1 rows (P = 6)
-    assert ours == [(1, 2 * 4 + 6 * L), (1, 2 * 6 + 2 * L), (1, 3 + L)]
+    assert ours == [(1, 2 * 4 + sum(real[0:3] + real[4:7])), (1, 2 * 6 + real[3] + real[7]), (1, 3 + L)]
 
 
 def test_layout_positions_follow_trl():
@@ -156,7 +160,8 @@ def test_layout_positions_follow_trl():
     layout = SharedPrefixBatch.from_policy_batch(batch, pad_id=0)
     pos = layout.position_ids[0]
     assert pos[:2].tolist() == [3, 4] and pos[P : 2 * P].tolist() == [0, 1, 2, 3, 4]  # prompts: their columns
-    assert (pos[2 * P :].view(6, L) == P + torch.arange(L)).all()  # completion token t at column P + t
+    keep = batch.completion_mask.bool()  # the layout holds the real completion tokens only
+    assert torch.equal(pos[2 * P :], (P + torch.arange(L)).expand(6, L)[keep])  # completion token t at column P + t
 
 
 def test_rows_without_shared_prompts_keep_the_padded_path(tmp_path, numerics):
@@ -217,7 +222,7 @@ def test_peft_adapters_and_adapters_disabled_reference(tmp_path, numerics):
     with torch.no_grad(), model.disable_adapter(), ref_model.disable_adapter():
         adapters_off = _run(trainer, model, inputs, shared=True)[0]
         ours, _ = _compare(trainer, inputs, numerics, ref_model=ref_model)
-    assert ours == [(1, 2 * 5 + 6 * inputs[2])]
+    assert ours == [(1, 2 * 5 + int(inputs[1][:, -inputs[2]:].sum()))]
     assert not torch.allclose(adapters_off, _run(trainer, model, inputs, shared=True)[0], atol=1e-3)
 
 
