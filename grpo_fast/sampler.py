@@ -25,7 +25,9 @@ penalty is applied to prompt and generated tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -144,6 +146,33 @@ def check_sampling_options(group_size, max_new_tokens, temperature, top_p, top_k
         bad("seed", "None, an int, or a list of ints (one per prompt)", seed)
 
 
+@contextlib.contextmanager
+def _packed_cpu_linears(model, rows: int):
+    """Under the caller's CPU bf16 autocast, where oneDNN computes bf16: each plain ``nn.Linear`` runs oneDNN's bf16
+    GEMM on its weight cast and packed (blocked for the CPU's AMX/AVX-512 units) once for the call, instead of
+    autocast's F.linear, which re-packs the weight at every call (~30% of the decode's linear time on an AMX CPU,
+    SmolLM2-135M at 16 rows). The same bf16 GEMM with fp32 accumulation: the tests find the tokens and log-probs
+    unchanged. Anything else (no autocast, CUDA, FSDP2's sharded weights, other module types): a no-op."""
+    device = model.get_input_embeddings().weight.device
+    usable = (device.type == "cpu" and torch.is_autocast_enabled("cpu")
+              and torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.backends.mkldnn.is_available()
+              and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not _is_fsdp2(model))
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if usable else []
+    try:
+        for m in linears:
+            weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(torch.bfloat16), rows)
+            bias = m.bias.detach().to(torch.bfloat16) if m.bias is not None else None
+            m.forward = functools.partial(_packed_linear, weight=weight, bias=bias)
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+
+
+def _packed_linear(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
+
+
 def _is_fsdp2(model) -> bool:
     if not torch.distributed.is_available():
         return False
@@ -240,7 +269,7 @@ class SharedPrefixSampler:
             model.eval()
             # inference mode drops autograd bookkeeping from every decode op; its tensors cannot enter a later
             # autograd graph, so the (small) outputs are cloned back to ordinary tensors outside it
-            with self._decode_mode(model):
+            with self._decode_mode(model), _packed_cpu_linears(model, len(prompt_ids) * group_size):
                 opts = SamplingOptions(float(temperature), top_k or 0, float(top_p), float(min_p or 0.0),
                                        float(repetition_penalty), bool(return_truncated_logprobs))
                 args = (prompt_ids, group_size, max_new_tokens, opts, stop or [], seed, ignore_eos, eos, pad)

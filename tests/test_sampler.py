@@ -3,6 +3,7 @@ option validation, stop strings, EOS, cache shapes, state restoration; a slow pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -196,6 +197,7 @@ def test_autocast_casts_each_weight_once_per_call(monkeypatch):
 
     model = _model("llama")
     weights = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    monkeypatch.setattr(sampler_mod, "_packed_cpu_linears", lambda model, rows: contextlib.nullcontext())
 
     class WeightCasts(TorchDispatchMode):
         count = 0
@@ -220,6 +222,37 @@ def test_autocast_casts_each_weight_once_per_call(monkeypatch):
     assert casts_per_step >= 8 * len(weights)  # the prefill and every decode step cast them again
     assert torch.equal(cached.completion_ids, per_step.completion_ids)
     assert torch.equal(cached.logprobs, per_step.logprobs)
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="oneDNN has no bf16 GEMM on this CPU")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v projections with a bias
+def test_packed_cpu_linears_change_nothing(kind, monkeypatch):
+    """Under CPU bf16 autocast the linears decode through oneDNN on weights packed once per call: the same tokens and
+    log-probs as autocast's F.linear, and the modules are left as they were."""
+    model = _model(kind)
+    packed_calls = []
+    real = sampler_mod._packed_linear
+    monkeypatch.setattr(sampler_mod, "_packed_linear", lambda *a, **k: packed_calls.append(1) or real(*a, **k))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return SharedPrefixSampler(model).generate(_ids(PROMPTS), group_size=3, max_new_tokens=10, seed=5,
+                                                       top_p=0.9, ignore_eos=True)
+
+    packed = run()
+    n_linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert len(packed_calls) >= 10 * n_linears  # the prefill and every decode step went through the packed GEMM
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(sampler_mod, "_packed_cpu_linears", lambda model, rows: contextlib.nullcontext())
+    plain = run()
+    assert torch.equal(packed.completion_ids, plain.completion_ids)
+    assert torch.equal(packed.logprobs, plain.logprobs)
+    calls = len(packed_calls)
+    fp32 = SharedPrefixSampler(model).generate(_ids(PROMPTS), group_size=3, max_new_tokens=10, seed=5, top_p=0.9,
+                                               ignore_eos=True)
+    assert len(packed_calls) == calls  # no autocast: no packing
+    assert not torch.equal(fp32.logprobs, plain.logprobs)  # bf16 did run
 
 
 def test_kv_cache_is_prefix_once_plus_preallocated_suffix(monkeypatch):
