@@ -11,17 +11,20 @@ average of the reward reaches ``--target`` (or after ``--max_steps``). The clock
 ``--trl_cap F`` shortens the run on a slow machine: TRL (which runs second) stops once its clock passes F times ours
 to the target, so "not reached" then means TRL takes more than F times as long (this is the only claim made).
 
-Simplifications: one run per trainer, so sampling luck enters the result (the two trainers draw different
-completions); both see the same prompt rows, each in its own shuffled order; the two run one after the other, so
-load drift on a shared machine enters the ratio (the JSON records the load average after each).
+``--seeds 0,1,2`` repeats the race per training seed and reports the median time of each trainer (sampling luck moves
+the step at which a run reaches the target by ±30%; the two trainers draw different completions). Simplifications:
+both see the same prompt rows, each in its own shuffled order; the two run one after the other, so load drift on a
+shared machine enters the ratio (the JSON records the load average after each).
 
-    python benchmarks/bench_time_to_reward.py [--target 0.3] [--max_steps 40] [--trl_cap 3] [--threads 1]
+    python benchmarks/bench_time_to_reward.py [--target 0.3] [--max_steps 40] [--trl_cap 3] [--threads 1] [--bf16]
+        [--seeds 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +90,7 @@ def main() -> None:
                    help="stop TRL once its clock passes this many times ours to the target")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--bf16", action="store_true", help="both trainers under bf16 autocast (TRL's default precision)")
-    p.add_argument("--seed", type=int, default=0, help="the training seed of both trainers")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds; each runs both trainers")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:
@@ -100,27 +103,34 @@ def main() -> None:
     rows = get_task("arithmetic", n=2000, seed=0, split="train", digits=2, ops=("+",))
     work = Path(tempfile.mkdtemp(prefix="bench_reach_"))
     load_before = load_average()
-    results = {"grpo_fast": run("ours", rows, args.target, args.max_steps, work / "ours", bf16=args.bf16,
-                                 seed=args.seed)}
-    hit = results["grpo_fast"]["reached"]
-    deadline = args.trl_cap * hit["s"] if args.trl_cap and hit else None
-    results["trl"] = run("trl", rows, args.target, args.max_steps, work / "trl", deadline, bf16=args.bf16,
-                         seed=args.seed)
+    results = {}
+    for seed in [int(x) for x in args.seeds.split(",")]:  # per seed ours then TRL: load drift hits both alike
+        ours_run = run("ours", rows, args.target, args.max_steps, work / f"ours{seed}", bf16=args.bf16, seed=seed)
+        hit = ours_run["reached"]
+        deadline = args.trl_cap * hit["s"] if args.trl_cap and hit else None
+        trl_run = run("trl", rows, args.target, args.max_steps, work / f"trl{seed}", deadline, bf16=args.bf16,
+                      seed=seed)
+        results[str(seed)] = {"grpo_fast": ours_run, "trl": trl_run}
     print(f"\ntarget: 5-step moving average of the reward >= {args.target} (max {args.max_steps} steps)")
-    for name, r in results.items():
-        hit = r["reached"]
-        where = f"step {hit['step']} after {hit['s']:.0f} s" if hit else f"not reached in {r['curve'][-1]['s']:.0f} s"
-        print(f"{name:10s} {where}   ({r['load']})")
-    a, b = results["grpo_fast"]["reached"], results["trl"]["reached"]
-    if a and b:
-        print(f"TRL / ours: {b['s'] / a['s']:.2f}x")
-    elif a:
-        print(f"TRL / ours: > {results['trl']['curve'][-1]['s'] / a['s']:.2f}x (TRL stopped before the target)")
+    times = {"grpo_fast": [], "trl": []}
+    for seed, pair in results.items():
+        for name, r in pair.items():
+            hit = r["reached"]
+            # not reached: the run's last time, a lower bound (the median below is then a lower bound too)
+            times[name].append(hit["s"] if hit else float("inf") if not r["curve"] else r["curve"][-1]["s"])
+            where = f"step {hit['step']} after {hit['s']:.0f} s" if hit else f"not reached in {times[name][-1]:.0f} s"
+            print(f"seed {seed}  {name:10s} {where}   ({r['load']})")
+    summary = {name: statistics.median(t) for name, t in times.items()}
+    summary["trl_over_ours"] = summary["trl"] / summary["grpo_fast"]
+    summary["per_seed"] = [b / a for a, b in zip(times["grpo_fast"], times["trl"], strict=True)]
+    print(f"median seconds to the target: grpo_fast {summary['grpo_fast']:.0f}, TRL {summary['trl']:.0f}; "
+          f"TRL / ours {summary['trl_over_ours']:.2f}x (per seed: "
+          + ", ".join(f"{r:.2f}x" for r in summary["per_seed"]) + ")")
     out = Path(args.out or Path(__file__).parent / "results" / "time_to_reward_cpu.json")
     out.write_text(json.dumps({"ours": ours()[2], "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "transformers": transformers.__version__, "trl": trl.__version__,
                                "commit": git_commit(), "load_before": load_before, "load": load_average(),
-                               "args": vars(args), "results": results}, indent=1))
+                               "args": vars(args), "summary": summary, "results": results}, indent=1))
     print(f"wrote {out}")
 
 

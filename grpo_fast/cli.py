@@ -50,13 +50,25 @@ def _reward_funcs(args):
 
 def _config(values: dict, flags: list[str]):
     """``GRPOConfig`` from a config file's values, then ``--<field> VALUE`` flags (transformers' parser, so every
-    TRL / TrainingArguments field is a flag under its own name). An unknown key names the closest valid one."""
+    TRL / TrainingArguments field is a flag under its own name). An unknown key names the closest valid one.
+    ``bf16`` also takes ``auto``: bf16 where the machine computes it natively (``native_bf16``), else fp32."""
     import dataclasses
     import difflib
 
+    import torch
     from transformers import HfArgumentParser
 
-    from grpo_fast.config import GRPOConfig
+    from grpo_fast.config import GRPOConfig, native_bf16
+
+    auto_flag = [i for i, f in enumerate(flags)
+                 if f == "--bf16=auto" or (f == "auto" and i and flags[i - 1] == "--bf16")]
+    if auto_flag or str(values.get("bf16")).lower() == "auto":
+        native = native_bf16()
+        values = {**values, "bf16": native}
+        if native and not torch.cuda.is_available():
+            values.setdefault("use_cpu", True)  # transformers refuses bf16 without a GPU unless use_cpu is set
+        flags = [f"--bf16={native}" if i in auto_flag else f for i, f in enumerate(flags)]
+        flags = [f for i, f in enumerate(flags) if not (f == "--bf16" and i + 1 in auto_flag)]
 
     fields = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
 

@@ -15,8 +15,9 @@ Ours, each read by ``grpo_fast.GRPOTrainer``:
 - ``skip_zero_std_groups`` and ``max_resample_rounds``: DAPO's dynamic sampling, groups whose rewards are all equal
   replaced by fresh prompts' groups (grpo_fast/dynamic_sampling.py).
 
-One default differs from TRL's: ``bf16`` left unset on a machine without CUDA resolves to False (fp32), because CPU
-bf16 autocast is several times slower than fp32 there and grpo_fast's CPU path is fp32; ``bf16=True`` is honoured.
+One default differs from TRL's: ``bf16`` left unset on a machine without CUDA resolves to False (fp32), because on
+most CPUs bf16 is emulated and slower than fp32, and fp32 is what the CPU numerics are tested in; ``bf16=True`` is
+honoured (on a CPU with AMX tiles it is the faster choice: ``native_bf16``; the CLI's ``bf16: auto`` picks it there).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("grpo_fast.GRPOConfig needs trl: pip install 'trl>=1.16,<1.17'") from e
 
 REWARD_ERRORS = ("unscored", "raise")
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively: a CUDA GPU with bf16 support, or a CPU with AMX tiles (there
+    bf16 GEMMs run several times faster than fp32 ones; on other CPUs bf16 is emulated, slower than fp32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
 
 
 @dataclass

@@ -84,3 +84,22 @@ def test_unknown_flag_and_missing_model(tmp_path):
         main(["train", "--no_such_flag", "1"])
     with pytest.raises(FileNotFoundError, match="no such local folder"):
         main(["eval", "--model", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("where", ["file", "flag", "flag=", "file_and_flag"])
+def test_bf16_auto_follows_the_machine(tmp_path, monkeypatch, native, where):
+    """``bf16: auto`` (file) or ``--bf16 auto`` (flag) is bf16 where the machine computes it natively, else fp32; a
+    flag still overrides the file."""
+    import grpo_fast.config as config_mod
+    from grpo_fast.cli import _config
+
+    monkeypatch.setattr(config_mod, "native_bf16", lambda: native)
+    monkeypatch.setattr(config_mod.torch.cuda, "is_available", lambda: False)  # explicit values stand on any machine
+    values = {"output_dir": str(tmp_path)}
+    flags = {"file": [], "flag": ["--bf16", "auto"], "flag=": ["--bf16=auto"], "file_and_flag": ["--bf16", "false"]}
+    if where in ("file", "file_and_flag"):
+        values["bf16"] = "auto"
+    config = _config(values, flags[where])
+    assert config.bf16 is (native and where != "file_and_flag")
+    assert config.use_cpu is native  # what transformers needs for bf16 without a GPU
