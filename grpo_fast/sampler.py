@@ -157,7 +157,9 @@ def _packed_cpu_linears(model, rows: int):
     usable = (device.type == "cpu" and torch.is_autocast_enabled("cpu")
               and torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.backends.mkldnn.is_available()
               and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not _is_fsdp2(model))
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if usable else []
+    # a module whose forward is already replaced on the instance (accelerate's offload hooks) keeps it
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
+               and m.weight.device.type == "cpu"] if usable else []
     try:
         for m in linears:
             weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(torch.bfloat16), rows)
