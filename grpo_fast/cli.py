@@ -67,8 +67,8 @@ def _config(values: dict, flags: list[str]):
         values = {**values, "bf16": native}
         if native and not torch.cuda.is_available():
             values.setdefault("use_cpu", True)  # transformers refuses bf16 without a GPU unless use_cpu is set
-        flags = [f"--bf16={native}" if i in auto_flag else f for i, f in enumerate(flags)]
-        flags = [f for i, f in enumerate(flags) if not (f == "--bf16" and i + 1 in auto_flag)]
+        flags = [(str(native) if f == "auto" else f"--bf16={native}") if i in auto_flag else f
+                 for i, f in enumerate(flags)]
 
     fields = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
 

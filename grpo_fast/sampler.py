@@ -288,6 +288,10 @@ class SharedPrefixSampler:
             model.set_attn_implementation(prev_impl)
             model.train(was_training)
 
+    def _graphs(self, device) -> bool:
+        """Whether the decode steps on ``device`` run as CUDA graphs."""
+        return self.cuda_graphs is not False and device.type == "cuda"
+
     def _decode_mode(self, model):
         """inference_mode, except (no_grad instead):
         - for an FSDP2 model: FSDP2 allocates each unit's unsharded parameters at their first all-gather and refills
@@ -298,8 +302,7 @@ class SharedPrefixSampler:
           the tokens, are the same. With graphs the cache is bypassed: a graph must not keep reading a cached copy
           that is freed when the caller's autocast exits."""
         device = model.get_input_embeddings().weight.device
-        graphs = self.cuda_graphs is not False and device.type == "cuda"
-        if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled() and not graphs:
+        if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled() and not self._graphs(device):
             return torch.no_grad()
         if _is_fsdp2(model):
             return torch.no_grad()
@@ -317,7 +320,7 @@ class SharedPrefixSampler:
     def _state(self, b, g, max_new, p_max, vocab, opts, eos, pad, device):
         """The decode state and cache: reused from the last call when graphs are on and nothing they depend on
         changed, else new (the old ones, their graphs and memory pool are dropped first)."""
-        graphs = self.cuda_graphs is not False and device.type == "cuda"
+        graphs = self._graphs(device)
         if max_new == 1:  # no decode step to capture: leave the graphs of the usual calls alone
             state = DecodeState(b, g, max_new, vocab, eos, pad, opts, device)
             state.prefix_cap = p_max

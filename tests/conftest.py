@@ -27,6 +27,24 @@ def force_backend(monkeypatch):
 
 
 @pytest.fixture
+def spy(monkeypatch):
+    """``calls = spy(owner, "name")`` wraps ``owner.name`` for the rest of the test: each call still runs the real one
+    and appends its ``(args, kwargs)`` to ``calls``."""
+
+    def _spy(owner, name: str) -> list:
+        calls, real = [], getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append((args, kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+        return calls
+
+    return _spy
+
+
+@pytest.fixture
 def poison(monkeypatch):
     """Within a test, ``torch.empty``/``empty_like``/``new_empty`` return NaN-filled float tensors, so an output a
     kernel forgot to write shows up as NaN instead of as whatever the allocator left there."""

@@ -341,20 +341,16 @@ def test_bf16_default_resolves_on_cpu():
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_use_shared_prefix_sampler(model_path, on, monkeypatch):
-    built = []
-    real = sampler_mod.SharedPrefixSampler
-    monkeypatch.setattr(sampler_mod, "SharedPrefixSampler", lambda *a, **k: built.append(1) or real(*a, **k))
+def test_use_shared_prefix_sampler(model_path, on, spy):
+    built = spy(sampler_mod, "SharedPrefixSampler")
     t = make(model_path, use_shared_prefix_sampler=on)
     completions, _ = t._generate_single_turn(prompt_ids(t), None, {}, 2)
     assert len(completions) == 4 and bool(built) == on
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_use_shared_prefix_update(model_path, on, monkeypatch):
-    calls = []
-    real = dropin.shared_prefix_hidden_states
-    monkeypatch.setattr(dropin, "shared_prefix_hidden_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_use_shared_prefix_update(model_path, on, spy):
+    calls = spy(dropin, "shared_prefix_hidden_states")
     t = make(model_path, use_shared_prefix_update=on)
     ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 9, 8], [4, 6, 7, 10, 11], [4, 6, 7, 11, 12]])
     t._get_per_token_logps_and_entropies(t.model, ids, torch.ones_like(ids), 2)

@@ -227,15 +227,13 @@ def test_autocast_casts_each_weight_once_per_call(monkeypatch):
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                     reason="oneDNN has no bf16 GEMM on this CPU")
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v projections with a bias
-def test_packed_cpu_linears_change_nothing(kind, monkeypatch):
+def test_packed_cpu_linears_change_nothing(kind, monkeypatch, spy):
     """Under CPU bf16 autocast the linears decode through oneDNN on weights packed once per call: the same tokens and
     log-probs as autocast's F.linear, and the modules are left as they were."""
     model = _model(kind)
     hooked = model.model.layers[0].mlp.down_proj  # an instance-level forward (accelerate's hooks) is left alone
     hook = hooked.forward = functools.partial(torch.nn.Linear.forward, hooked)
-    packed_calls = []
-    real = sampler_mod._packed_linear
-    monkeypatch.setattr(sampler_mod, "_packed_linear", lambda *a, **k: packed_calls.append(1) or real(*a, **k))
+    packed_calls = spy(sampler_mod, "_packed_linear")
 
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16):

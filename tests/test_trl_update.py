@@ -226,19 +226,17 @@ def test_peft_adapters_and_adapters_disabled_reference(tmp_path, numerics):
     assert not torch.allclose(adapters_off, _run(trainer, model, inputs, shared=True)[0], atol=1e-3)
 
 
-def test_compute_loss_uses_the_packed_forward(tmp_path, monkeypatch):
+def test_compute_loss_uses_the_packed_forward(tmp_path, spy):
     """The policy update (``_compute_loss``) reaches the packed forward and gives TRL-shaped log-probs."""
     trainer = _trainer(tmp_path)
-    calls = []
-    real = dropin.shared_prefix_hidden_states
-    monkeypatch.setattr(dropin, "shared_prefix_hidden_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(dropin, "shared_prefix_hidden_states")
     input_ids, attention_mask, L = _inputs([5, 2], [2, 2])
     trainer.current_gradient_accumulation_steps = 1
     inputs = {"prompt_ids": input_ids[:, :-L], "prompt_mask": attention_mask[:, :-L],
               "completion_ids": input_ids[:, -L:], "completion_mask": attention_mask[:, -L:],
               "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5]), "num_items_in_batch": attention_mask[:, -L:].sum()}
     trainer._compute_loss(trainer.model, inputs).backward()
-    assert calls == [1]
+    assert len(calls) == 1
 
 
 def test_position_offsets_validation():
@@ -291,18 +289,16 @@ def test_minibatches_hold_whole_groups_and_are_seeded(tmp_path, monkeypatch):
     assert tuple(again.tolist()) == first
 
 
-def test_row_shuffle_when_minibatches_cannot_hold_whole_groups(tmp_path, monkeypatch):
+def test_row_shuffle_when_minibatches_cannot_hold_whole_groups(tmp_path, monkeypatch, spy):
     """per_device_train_batch_size = 3 with G = 2: TRL's own row shuffle (and so the padded forward where rows
     split groups); use_shared_prefix_update = False also keeps TRL's shuffle."""
     import trl.trainer.grpo_trainer as trl_grpo
 
     trainer = _trainer(tmp_path, per_device_train_batch_size=3, num_generations=2, steps_per_generation=2)
-    calls = []
-    real = trl_grpo.shuffle_sequence_dict
-    monkeypatch.setattr(trl_grpo, "shuffle_sequence_dict", lambda d: calls.append(1) or real(d))
+    calls = spy(trl_grpo, "shuffle_sequence_dict")
     _buffered(trainer, monkeypatch, seed=0)
-    assert calls == [1]
+    assert len(calls) == 1
     trainer = _trainer(tmp_path, per_device_train_batch_size=4, num_generations=2, steps_per_generation=2)
     trainer.use_shared_prefix_update = False
     _buffered(trainer, monkeypatch, seed=0)
-    assert calls == [1, 1]
+    assert len(calls) == 2
