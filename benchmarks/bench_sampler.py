@@ -16,7 +16,8 @@ Default: the embedded SmolLM2-135M-Instruct (``grpo_fast.models.load_default_mod
 (same timing) when the model package is not installed; ``--config`` picks another real architecture, random-init
 (qwen2.5-1.5b: D 1536, 28 layers, 12/2 heads, V 151936; llama3-8b: D 4096, 32 layers, 32/8 heads, V 128256).
 
-Variants (``--variants``): ``ours`` (the sampler as configured: CUDA graphs on a GPU), ``ours_eager`` (graphs off),
+Variants (``--variants``): ``ours`` (the sampler as configured: CUDA graphs on a GPU, the lean forward on a CPU),
+``ours_eager`` (graphs off), ``ours_model_forward`` (graphs off, the model's own forward instead of the lean one),
 ``hf`` (``generate``, dynamic cache), ``hf_static`` (``generate`` with a static cache, which transformers compiles
 with ``torch.compile`` on CUDA). On a GPU the table adds each sampler's decode step time against its floor: weight
 bytes + each prompt's KV once + the suffix KV (mean length L/2), over the HBM bandwidth, or the FLOPs over the peak,
@@ -145,7 +146,7 @@ def main():
     ap.add_argument("--random-init", action="store_true", help="random Llama of SmolLM2-135M's shape")
     ap.add_argument("--config", default="smollm2", choices=["smollm2", "qwen2.5-1.5b", "llama3-8b"],
                     help="architecture (random-init unless smollm2 without --random-init)")
-    ap.add_argument("--variants", nargs="+", default=["ours", "hf"], choices=["ours", "ours_eager", "hf", "hf_static"])
+    ap.add_argument("--variants", nargs="+", default=["ours", "hf"], choices=["ours", "ours_eager", "ours_model_forward", "hf", "hf_static"])
     ap.add_argument("--check-every", type=int, default=None,
                     help="the sampler's host check interval K (default: the sampler's, 8 on CUDA, 1 on the CPU)")
     ap.add_argument("--hbm-tbs", type=float, default=None, help="HBM bandwidth for the floor (TB/s)")
@@ -171,7 +172,9 @@ def main():
     if "hf_static" in variants and device.type != "cuda":
         variants.remove("hf_static")  # transformers compiles the static-cache decode only on CUDA
     samplers = {"ours": SharedPrefixSampler(model, tokenizer, check_every=args.check_every),
-                "ours_eager": SharedPrefixSampler(model, tokenizer, cuda_graphs=False, check_every=args.check_every)}
+                "ours_eager": SharedPrefixSampler(model, tokenizer, cuda_graphs=False, check_every=args.check_every),
+                "ours_model_forward": SharedPrefixSampler(model, tokenizer, cuda_graphs=False, lean=False,
+                                                          check_every=args.check_every)}
 
     def make(name):
         if name.startswith("ours"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from grpo_fast.kernels.prefix_attention import DecodePlan
 from grpo_fast.sampling import CounterUniform, SamplingOptions, sample_tokens
 
 
@@ -55,6 +56,7 @@ class DecodeState:
         self.prefix_cap, self.total_len = 0, 0  # prefix buffer length (>= longest prompt); prompt + new tokens
         self.packed_index = self.packed_cu = self.packed_bounds = None  # where prefill's packed tokens belong
         self.prefill = True  # the attention function's branch; a Python flag, constant inside a captured decode step
+        self.plan = DecodePlan()  # shared by the layers of one decode step (CPU attention masks)
         self.step = torch.zeros((), dtype=torch.long, device=device)  # index t of the token being sampled
         self.suffix_len = torch.ones((), dtype=torch.long, device=device)  # t + 1 while token t is forwarded
         self.prefix_lens = torch.ones(b, dtype=torch.long, device=device)  # [B]
@@ -150,20 +152,19 @@ def sample_step(state: DecodeState) -> None:
     state.tok.copy_(tok)
 
 
-def forward_step(model, cache, state: DecodeState) -> None:
-    """Forwards token t of every slot at position P_row + t, writing suffix entry t; new logits; ``step += 1``."""
+def forward_step(forward, state: DecodeState) -> None:
+    """Forwards token t of every slot at position P_row + t, writing suffix entry t; new logits; ``step += 1``.
+    ``forward(ids [n], positions [n])`` returns the logits ``[n, V]`` (the sampler's model forward)."""
     state.suffix_len.copy_(state.step + 1)
-    pos = (state.row_plen + state.step)[:, None]  # [n, 1]
-    logits = model(input_ids=state.tok[:, None], position_ids=pos, cache=cache, use_cache=True,
-                   prefix_cache=cache).logits[:, -1]  # [n, V]
-    state.logits.copy_(logits)
+    state.plan = DecodePlan()  # the layers' attention masks, built by the first layer
+    state.logits.copy_(forward(state.tok, state.row_plen + state.step))
     state.step.add_(1)
 
 
-def decode_step(model, cache, state: DecodeState) -> None:
+def decode_step(forward, state: DecodeState) -> None:
     """One whole decode step, the unit a CUDA graph captures."""
     sample_step(state)
-    forward_step(model, cache, state)
+    forward_step(forward, state)
 
 
 def param_fingerprint(model) -> tuple:
@@ -226,7 +227,7 @@ class HostView:
         return outs
 
 
-def run_decode(model, cache, state: DecodeState, *, check_every: int, bucketed: bool,
+def run_decode(forward, cache, state: DecodeState, *, check_every: int, bucketed: bool,
                runner: CudaGraphRunner | None, stop_scan=None) -> dict[int, int]:
     """Decodes up to ``state.max_new_tokens`` tokens. Every ``check_every`` steps (and at the end) the host reads the
     done flags, lengths and the new token columns, lets ``stop_scan(tokens [N, k] host, first column, lengths)``
@@ -242,9 +243,9 @@ def run_decode(model, cache, state: DecodeState, *, check_every: int, bucketed: 
         if t == length - 1:
             sample_step(state)  # the last token is not forwarded
         elif runner is not None:
-            runner.step(state.n, lambda: decode_step(model, cache, state))
+            runner.step(state.n, lambda: decode_step(forward, state))
         else:
-            decode_step(model, cache, state)
+            decode_step(forward, state)
         if (t + 1) % check_every and t + 1 < length:
             continue
         want = [state.done, state.lengths] + ([state.out_ids[:, lo:t + 1]] if stop_scan is not None else [])

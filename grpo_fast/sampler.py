@@ -36,6 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from grpo_fast.decode import CudaGraphRunner, DecodeState, GraphCaptureError, param_fingerprint, run_decode
+from grpo_fast.lean_decode import LeanDecoder, is_fsdp2
 from grpo_fast.sampling import CounterUniform, SamplingOptions
 from grpo_fast.shared_prefix import DECODE_ATTN_NAME
 
@@ -68,10 +69,13 @@ class _PrefixLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states):
         st = self.state
         b, hkv, _, dh = key_states.shape
+        # On the CPU the values are kept in the keys' dtype (fp32 under autocast, where the rotary embedding
+        # promotes the keys): the attention computes in fp32 and would otherwise convert them at every layer and step.
+        v_dtype = key_states.dtype if key_states.device.type == "cpu" else value_states.dtype
         self.prefix_k = key_states.new_zeros((b, hkv, st.prefix_cap, dh))
-        self.prefix_v = value_states.new_zeros((b, hkv, st.prefix_cap, dh))
+        self.prefix_v = value_states.new_zeros((b, hkv, st.prefix_cap, dh), dtype=v_dtype)
         self.suffix_k = key_states.new_zeros((st.full, hkv, st.max_new_tokens, dh))
-        self.suffix_v = value_states.new_zeros((st.full, hkv, st.max_new_tokens, dh))
+        self.suffix_v = value_states.new_zeros((st.full, hkv, st.max_new_tokens, dh), dtype=v_dtype)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -83,11 +87,11 @@ class _PrefixLayer(CacheLayerMixin):
                 self.lazy_initialization(key_states.expand(b, -1, -1, -1), value_states.expand(b, -1, -1, -1))
             prompt, pos = st.packed_index  # [T], [T]
             self.prefix_k[prompt, :, pos] = key_states[0].transpose(0, 1)  # [T, Hkv, Dh]
-            self.prefix_v[prompt, :, pos] = value_states[0].transpose(0, 1)
+            self.prefix_v[prompt, :, pos] = value_states[0].transpose(0, 1).to(self.prefix_v.dtype)
         else:  # token t of each slot goes to suffix entry t, a device index
             n = st.n
             self.suffix_k[:n].index_copy_(2, st.step.view(1), key_states)
-            self.suffix_v[:n].index_copy_(2, st.step.view(1), value_states)
+            self.suffix_v[:n].index_copy_(2, st.step.view(1), value_states.to(self.suffix_v.dtype))
         return key_states, value_states
 
     def compact(self, keep: torch.Tensor, length: int) -> None:
@@ -156,7 +160,7 @@ def _packed_cpu_linears(model, rows: int):
     device = model.get_input_embeddings().weight.device
     usable = (device.type == "cpu" and torch.is_autocast_enabled("cpu")
               and torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.backends.mkldnn.is_available()
-              and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not _is_fsdp2(model))
+              and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not is_fsdp2(model))
     # a module whose forward is already replaced on the instance (accelerate's offload hooks) keeps it
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
                and m.weight.device.type == "cpu"] if usable else []
@@ -171,16 +175,30 @@ def _packed_cpu_linears(model, rows: int):
             m.__dict__.pop("forward", None)
 
 
+def _model_logits(model, cache, state, ids, positions, keep=None):
+    """Logits from the model's own forward: of the packed prompts ``[1, T]`` at prefill (rows ``keep`` only), of the
+    n rows' last tokens ``[n, 1]`` at decode."""
+    if state.prefill:
+        return model(input_ids=ids[None], position_ids=positions[None], cache=cache, use_cache=True,
+                     logits_to_keep=keep, prefix_cache=cache).logits[0]
+    return model(input_ids=ids[:, None], position_ids=positions[:, None], cache=cache, use_cache=True,
+                 prefix_cache=cache).logits[:, -1]
+
+
+@contextlib.contextmanager
+def _step_forward(model, rows: int, lean: bool | None):
+    """The logits function ``forward(cache, state, ids, positions, keep=None)`` of one ``generate`` call:
+    ``LeanDecoder`` where it applies (unless ``lean`` is False), else the model's forward with packed linears."""
+    decoder = LeanDecoder.build(model, rows) if lean is not False else None
+    if decoder is not None:
+        yield decoder
+        return
+    with _packed_cpu_linears(model, rows):
+        yield functools.partial(_model_logits, model)
+
+
 def _packed_linear(x, weight, bias):
     return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
-
-
-def _is_fsdp2(model) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class SharedPrefixSampler:
@@ -191,10 +209,12 @@ class SharedPrefixSampler:
     the CPU, where it costs nothing and compacting finished rows at once saves their compute: with rows ending at
     scattered steps, K = 1 / 4 / 8 / 16 took 4.0 / 4.5 / 5.1 / 6.2 s of CPU time on SmolLM2-135M);
     ``bucketed``: run the bucketed, masked schedule of the graph path even without graphs (default: only with
-    graphs), which tests use to check it on the CPU."""
+    graphs), which tests use to check it on the CPU;
+    ``lean``: compute the steps with ``LeanDecoder`` (default None: where it applies, a Llama or Qwen2 model on the
+    CPU; False: always the model's own forward)."""
 
     def __init__(self, model, tokenizer=None, *, cuda_graphs: bool | None = None, check_every: int | None = None,
-                 bucketed: bool | None = None):
+                 bucketed: bool | None = None, lean: bool | None = None):
         if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
                                         or check_every < 1):
             raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
@@ -202,7 +222,7 @@ class SharedPrefixSampler:
             raise ValueError("cuda_graphs=True needs a CUDA device; pass None (auto) or False")
         self.model = model
         self.tokenizer = tokenizer
-        self.cuda_graphs, self.check_every, self.bucketed = cuda_graphs, check_every, bucketed
+        self.cuda_graphs, self.check_every, self.bucketed, self.lean = cuda_graphs, check_every, bucketed, lean
         self._workspace = None  # (signature, fingerprint, state, cache, runner) kept for the next call's graphs
 
     def release(self) -> None:
@@ -271,10 +291,10 @@ class SharedPrefixSampler:
             model.eval()
             # inference mode drops autograd bookkeeping from every decode op; its tensors cannot enter a later
             # autograd graph, so the (small) outputs are cloned back to ordinary tensors outside it
-            with self._decode_mode(model), _packed_cpu_linears(model, len(prompt_ids) * group_size):
+            with self._decode_mode(model), _step_forward(model, len(prompt_ids) * group_size, self.lean) as forward:
                 opts = SamplingOptions(float(temperature), top_k or 0, float(top_p), float(min_p or 0.0),
                                        float(repetition_penalty), bool(return_truncated_logprobs))
-                args = (prompt_ids, group_size, max_new_tokens, opts, stop or [], seed, ignore_eos, eos, pad)
+                args = (forward, prompt_ids, group_size, max_new_tokens, opts, stop or [], seed, ignore_eos, eos, pad)
                 try:
                     out = self._generate(*args)
                 except GraphCaptureError as err:
@@ -304,7 +324,7 @@ class SharedPrefixSampler:
         device = model.get_input_embeddings().weight.device
         if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled() and not self._graphs(device):
             return torch.no_grad()
-        if _is_fsdp2(model):
+        if is_fsdp2(model):
             return torch.no_grad()
         return torch.inference_mode()
 
@@ -341,7 +361,7 @@ class SharedPrefixSampler:
             self._workspace = (sig, fingerprint, state, cache, runner)
         return state, cache, runner, graphs
 
-    def _generate(self, prompt_ids, g, max_new, opts, stop, seed, ignore_eos, eos, pad):
+    def _generate(self, forward, prompt_ids, g, max_new, opts, stop, seed, ignore_eos, eos, pad):
         model = self.model
         device = model.get_input_embeddings().weight.device
         b, n_rows = len(prompt_ids), len(prompt_ids) * g
@@ -355,7 +375,7 @@ class SharedPrefixSampler:
         state.total_len = p_max + max_new
 
         # Prefill packs the prompts into one sequence [1, T]: no padding token passes any layer.
-        input_ids = torch.tensor([t for p in prompt_ids for t in p], device=device)[None]  # [1, T]
+        input_ids = torch.tensor([t for p in prompt_ids for t in p], device=device)  # [T]
         bounds = [0]
         for p in prompt_ids:
             bounds.append(bounds[-1] + len(p))
@@ -364,14 +384,14 @@ class SharedPrefixSampler:
         state.packed_cu = torch.tensor(bounds, dtype=torch.int32, device=device)  # [B + 1]
         state.packed_bounds = bounds
         last = torch.tensor(bounds[1:], device=device) - 1  # [B] each prompt's last token
-        logits = model(input_ids=input_ids, position_ids=positions[None], cache=cache, use_cache=True,
-                       logits_to_keep=last, prefix_cache=cache).logits[0]  # [B, V]
+        logits = forward(cache, state, input_ids, positions, last)  # [B, V]
         state.logits.copy_(logits.float().repeat_interleave(g, 0))  # [N, V]
         state.prefill = False
         stop_scan = self._stop_scanner(n_rows, max_new, stop) if stop else None
         bucketed = self.bucketed if self.bucketed is not None else graphs
         k = self.check_every or (8 if device.type == "cuda" else 1)
-        stops = run_decode(model, cache, state, check_every=k, bucketed=bucketed, runner=runner, stop_scan=stop_scan)
+        stops = run_decode(functools.partial(forward, cache, state), cache, state, check_every=k, bucketed=bucketed,
+                           runner=runner, stop_scan=stop_scan)
 
         eos_len = state.lengths.cpu()  # [N], max_new + 1 where no EOS was drawn
         lengths = torch.tensor([stops.get(r, min(int(eos_len[r]), max_new)) for r in range(n_rows)])

@@ -497,7 +497,7 @@ def _decoding_attention(module, query, key, value, attention_mask, scaling=None,
     n = st.n
     out = prefix_decode_attention(query, layer.prefix_k, layer.prefix_v, st.prefix_lens, layer.suffix_k[:n],
                                   layer.suffix_v[:n], st.suffix_len, st.groups, scale=scaling,
-                                  max_group_size=st.max_group)  # [n, H, 1, Dh]
+                                  max_group_size=st.max_group, plan=st.plan)  # [n, H, 1, Dh]
     return out.transpose(1, 2), None
 
 

@@ -208,35 +208,66 @@ def _prefix_valid(prefix_lens, p_max):
     return (torch.arange(p_max, device=prefix_lens.device) < prefix_lens[:, None])[:, None, None, :]
 
 
-def _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets, max_group, scale):
+class DecodePlan:
+    """What the CPU decode path (S = 1) derives from the lengths and groups alone — the prefix and suffix masks as
+    additive biases, the ragged groups' slot map — computed by the first layer of a decode step and reused by the
+    others: pass one new ``DecodePlan()`` to every layer's ``prefix_decode_attention`` call of a step (the lengths
+    must not change in between). The Triton path ignores it."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self):
+        self.parts = None
+
+
+def _decode_parts(prefix_lens, suffix_lens, offsets, n_rows, hkv, p_max, n_keys, max_group, device):
+    """(prefix bias [B·Hkv, 1, P], suffix bias [1 or N·Hkv, 1, Ls] or None, slot [N] or None): 0 / −inf biases for
+    the keys beyond each prefix / suffix length; slot b·Gmax + rank of row n of prompt b for ragged groups."""
+    b = prefix_lens.shape[0]
+    prefix_bias = torch.zeros((b, 1, p_max), device=device, dtype=torch.float32)
+    prefix_bias.masked_fill_(~_prefix_valid(prefix_lens, p_max)[:, 0], float("-inf"))
+    suffix_bias = None
+    if not isinstance(suffix_lens, int):  # a tensor length masks the whole buffer
+        valid = torch.arange(n_keys, device=device) < suffix_lens.reshape(-1, 1, 1)  # [N or 1, 1, Ls]
+        suffix_bias = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))
+        if suffix_bias.shape[0] > 1:
+            suffix_bias = suffix_bias.repeat_interleave(hkv, 0)
+    slot = None
+    if offsets is not None:
+        grp = torch.repeat_interleave(torch.arange(b, device=device), offsets.diff(), output_size=n_rows)  # [N]
+        slot = grp * max_group + torch.arange(n_rows, device=device) - offsets[grp]  # [N]
+    return prefix_bias.repeat_interleave(hkv, 0), suffix_bias, slot
+
+
+def _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets, max_group, scale,
+                  plan=None):
     """The decode step (S = 1) in few ops and without a host sync: prefix and suffix scores concatenated into one
     softmax instead of two partial softmaxes merged by their log-sum-exps. Ragged groups (``offsets``) place row n
     of prompt b at slot b·Gmax + rank, padding the (small) queries rather than the cache; a tensor ``suffix_lens``
-    masks the whole preallocated suffix buffer instead of slicing it at a data-dependent length."""
+    masks the whole preallocated suffix buffer instead of slicing it at a data-dependent length. The masks and
+    slots come from ``plan`` when a previous layer of the step filled it."""
     n_rows, h, _, dh = q.shape
     b, hkv, p_max = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
     hpk, g = h // hkv, max_group
-    slot = None
-    q_slots = q
-    if offsets is not None:
-        grp = torch.repeat_interleave(torch.arange(b, device=q.device), offsets.diff(), output_size=n_rows)  # [N]
-        slot = grp * g + torch.arange(n_rows, device=q.device) - offsets[grp]  # [N]
-        q_slots = q.new_zeros((b * g, h, 1, dh)).index_copy_(0, slot, q)
+    n_keys = suffix_lens if isinstance(suffix_lens, int) else suffix_k.shape[2]
+    parts = plan.parts if plan is not None else None
+    if parts is None:
+        parts = _decode_parts(prefix_lens, suffix_lens, offsets, n_rows, hkv, p_max, n_keys, g, q.device)
+        if plan is not None:
+            plan.parts = parts
+    prefix_bias, suffix_bias, slot = parts
+    q_slots = q if slot is None else q.new_zeros((b * g, h, 1, dh)).index_copy_(0, slot, q)
     qg = q_slots.reshape(b, g, hkv, hpk, dh).transpose(1, 2).reshape(b * hkv, g * hpk, dh).float()  # [B·Hkv, G·HPK, Dh]
     kp = prefix_k.reshape(b * hkv, p_max, dh).float().transpose(1, 2)
-    bias = torch.zeros((b, 1, p_max), device=q.device, dtype=torch.float32)
-    bias.masked_fill_(~_prefix_valid(prefix_lens, p_max)[:, 0], float("-inf"))
-    scores_p = torch.baddbmm(bias.repeat_interleave(hkv, 0), qg, kp, alpha=scale)  # [B·Hkv, G·HPK, P]
-    if isinstance(suffix_lens, int):
-        n_keys, sk, sv = suffix_lens, suffix_k[:, :, :suffix_lens], suffix_v[:, :, :suffix_lens]
-    else:
-        n_keys, sk, sv = suffix_k.shape[2], suffix_k, suffix_v
+    scores_p = torch.baddbmm(prefix_bias, qg, kp, alpha=scale)  # [B·Hkv, G·HPK, P]
+    sk, sv = suffix_k[:, :, :n_keys], suffix_v[:, :, :n_keys]
     qs = q.reshape(n_rows * hkv, hpk, dh).float()
-    ks = sk.reshape(n_rows * hkv, n_keys, dh).float()
-    scores_s = torch.bmm(qs, ks.transpose(1, 2)).mul_(scale).view(n_rows, hkv, hpk, n_keys)  # [N, Hkv, HPK, Ls]
-    if not isinstance(suffix_lens, int):
-        valid = torch.arange(n_keys, device=q.device) < suffix_lens.reshape(-1, 1, 1, 1)  # [N or 1, 1, 1, Ls]
-        scores_s = scores_s.masked_fill(~valid, float("-inf"))
+    ks = sk.reshape(n_rows * hkv, n_keys, dh).float().transpose(1, 2)
+    if suffix_bias is None:
+        scores_s = torch.bmm(qs, ks).mul_(scale)
+    else:
+        scores_s = torch.baddbmm(suffix_bias, qs, ks, alpha=scale)
+    scores_s = scores_s.view(n_rows, hkv, hpk, n_keys)  # [N, Hkv, HPK, Ls]
     if slot is not None:
         scores_s = scores_s.new_full((b * g, hkv, hpk, n_keys), float("-inf")).index_copy_(0, slot, scores_s)
     # One softmax over [prefix | suffix] in the prefix's (prompt, kv head) layout: only the short suffix part and
@@ -309,6 +340,7 @@ def prefix_decode_attention(
     max_group_size: int | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
+    plan: DecodePlan | None = None,
 ):
     """Attention of N = B·G sampled sequences over their prompt's shared prefix cache plus their own suffix cache.
 
@@ -333,7 +365,8 @@ def prefix_decode_attention(
     CUDA tensors run the Triton kernel; CPU tensors a PyTorch path with the same semantics. The kernel splits the
     prefix across ``num_splits`` programs per query block (flash-decoding; rounded to a power of 2; default: enough
     to cover the GPU twice) and merges the partial results by their log-sum-exps. No path reads a tensor value on
-    the host when ``max_group_size`` is given.
+    the host when ``max_group_size`` is given. ``plan``: a ``DecodePlan`` shared by the layers of one decode step
+    (CPU, S = 1), so its masks are built once per step instead of once per layer.
     """
     n_rows, h, s, dh = q.shape
     b, hkv = prefix_k.shape[0], prefix_k.shape[1]
@@ -371,7 +404,7 @@ def prefix_decode_attention(
     elif s == 1 and not return_lse:
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores as promised, not autocast's bf16 bmm
             return _torch_decode(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets,
-                                 max(max_group, 1), scale)
+                                 max(max_group, 1), scale, plan)
     else:
         with torch.autocast(q.device.type, enabled=False):
             out, lse = _torch_path(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, offsets,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_fast.kernels.prefix_attention import prefix_decode_attention, prefix_decode_attention_ref
+from grpo_fast.kernels.prefix_attention import DecodePlan, prefix_decode_attention, prefix_decode_attention_ref
 
 # (B, G, H, Hkv, S, P, Ls, Dh)
 CASES = {
@@ -150,6 +150,28 @@ def test_suffix_length_as_device_scalar(backend, groups, force_backend, poison, 
     ref = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, 6, g)
     plain = prefix_decode_attention_ref(q, pk, pv, plens, sk, sv, 6, g, dtype=torch.float32)
     assert_close_2x(out, ref, plain, atol=1e-5, name=f"{backend} {groups}")
+
+
+@pytest.mark.parametrize("lengths", ["int", "scalar_tensor", "per_row"])
+@pytest.mark.parametrize("groups", ["uniform", "offsets"])
+def test_decode_plan_shared_by_the_layers_of_a_step(groups, lengths, force_backend):
+    """One DecodePlan passed to every layer of a decode step: the first call builds the masks and slots, the others
+    reuse them, and every layer's output is the one it gets without a plan."""
+    force_backend("torch")
+    plan = DecodePlan()
+    *_, plens, _, _, slens = _make(3, 3, 6, 2, 1, 23, 11, 24, ragged=True)  # one step: the same lengths throughout
+    for layer in range(3):
+        q, pk, pv, _, sk, sv, _ = _make(3, 3, 6, 2, 1, 23, 11, 24, ragged=True, seed=layer)
+        g, kw = 3, {}
+        if groups == "offsets":
+            keep = torch.tensor([0, 2, 6, 7, 8])
+            q, sk, sv = q[keep], sk[keep], sv[keep]
+            g, kw = torch.tensor([0, 2, 2, 5]), dict(max_group_size=3)
+        rows = slens if groups == "uniform" else slens[keep]
+        lens = {"int": 6, "scalar_tensor": torch.tensor(6), "per_row": rows}[lengths]
+        planned = prefix_decode_attention(q, pk, pv, plens, sk, sv, lens, g, plan=plan, **kw)
+        assert plan.parts is not None
+        assert torch.equal(planned, prefix_decode_attention(q, pk, pv, plens, sk, sv, lens, g, **kw))
 
 
 def test_rejects_bad_suffix_lengths_and_splits():

@@ -151,9 +151,9 @@ def test_uncapturable_step_falls_back_to_eager(model, monkeypatch):
 
     real = decode_mod.forward_step
 
-    def syncing(model_, cache, state):
+    def syncing(forward, state):
         int(state.step)  # a host sync: illegal while a CUDA graph is being captured
-        real(model_, cache, state)
+        real(forward, state)
 
     monkeypatch.setattr(decode_mod, "forward_step", syncing)
     tok = tiny_tokenizer()
