@@ -123,9 +123,12 @@ def main() -> None:
     summary = {name: statistics.median(t) for name, t in times.items()}
     summary["trl_over_ours"] = summary["trl"] / summary["grpo_fast"]
     summary["per_seed"] = [b / a for a, b in zip(times["grpo_fast"], times["trl"], strict=True)]
+    summary["per_seed_median"] = statistics.median(summary["per_seed"])
+    summary["ratio_of_means"] = statistics.mean(times["trl"]) / statistics.mean(times["grpo_fast"])
     print(f"median seconds to the target: grpo_fast {summary['grpo_fast']:.0f}, TRL {summary['trl']:.0f}; "
           f"TRL / ours {summary['trl_over_ours']:.2f}x (per seed: "
-          + ", ".join(f"{r:.2f}x" for r in summary["per_seed"]) + ")")
+          + ", ".join(f"{r:.2f}x" for r in summary["per_seed"])
+          + f"; median {summary['per_seed_median']:.2f}x; ratio of means {summary['ratio_of_means']:.2f}x)")
     out = Path(args.out or Path(__file__).parent / "results" / "time_to_reward_cpu.json")
     out.write_text(json.dumps({"ours": ours()[2], "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "transformers": transformers.__version__, "trl": trl.__version__,
