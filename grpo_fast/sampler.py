@@ -7,6 +7,8 @@ How it plugs into a Hugging Face causal LM (public extension points only, model 
 - a ``transformers.Cache`` of ``_PrefixLayer``s: the prompt's keys/values once per prompt ``[B, Hkv, P, Dh]`` and
   per-sample suffix buffers ``[N, Hkv, L, Dh]`` preallocated for ``max_new_tokens``. The cache reaches the attention
   function as the extra keyword ``prefix_cache=`` given to ``model(...)``; transformers forwards unknown keywords to it.
+On the CPU, a Llama or Qwen2 model's prefill and decode steps run through ``grpo_fast.lean_decode`` instead of
+``model(...)``: the same arithmetic, cache layers and attention function, in a quarter of the op calls.
 
 Generation: one prefill of the B prompts packed into one sequence (no padding: attention runs per prompt, through
 flash-attention's varlen kernel when importable on CUDA, else SDPA; the LM head runs only on each prompt's last
