@@ -131,8 +131,12 @@ class LeanDecoder:
     def _weights(self, *linears):
         if not self.packed:
             return tuple((m.weight, m.bias) for m in linears)
-        weight = torch.cat([m.weight.detach().to(torch.bfloat16) for m in linears])
-        bias = None if linears[0].bias is None else torch.cat([m.bias.detach().to(torch.bfloat16) for m in linears])
+        def cast_cat(tensors):
+            tensors = [t.detach().to(torch.bfloat16) for t in tensors]
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+        weight = cast_cat([m.weight for m in linears])
+        bias = None if linears[0].bias is None else cast_cat([m.bias for m in linears])
         return (torch.ops.mkldnn._reorder_linear_weight(weight, self.rows), bias)
 
     def _linear(self, x, weights):

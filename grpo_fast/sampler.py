@@ -293,7 +293,8 @@ class SharedPrefixSampler:
             model.eval()
             # inference mode drops autograd bookkeeping from every decode op; its tensors cannot enter a later
             # autograd graph, so the (small) outputs are cloned back to ordinary tensors outside it
-            with self._decode_mode(model), _step_forward(model, len(prompt_ids) * group_size, self.lean) as forward:
+            with (_step_forward(model, len(prompt_ids) * group_size, self.lean) as forward,
+                  self._decode_mode(model, lean=isinstance(forward, LeanDecoder))):
                 opts = SamplingOptions(float(temperature), top_k or 0, float(top_p), float(min_p or 0.0),
                                        float(repetition_penalty), bool(return_truncated_logprobs))
                 args = (forward, prompt_ids, group_size, max_new_tokens, opts, stop or [], seed, ignore_eos, eos, pad)
@@ -314,8 +315,9 @@ class SharedPrefixSampler:
         """Whether the decode steps on ``device`` run as CUDA graphs."""
         return self.cuda_graphs is not False and device.type == "cuda"
 
-    def _decode_mode(self, model):
-        """inference_mode, except (no_grad instead):
+    def _decode_mode(self, model, lean: bool = False):
+        """inference_mode (always with the ``LeanDecoder``, which casts no weight through autocast), except (no_grad
+        instead):
         - for an FSDP2 model: FSDP2 allocates each unit's unsharded parameters at their first all-gather and refills
           them in place at every later one; allocated here as inference tensors, they would break the training
           forward;
@@ -323,6 +325,8 @@ class SharedPrefixSampler:
           disables) then casts each weight to bf16 once per call instead of once per decode step; the casts, and so
           the tokens, are the same. With graphs the cache is bypassed: a graph must not keep reading a cached copy
           that is freed when the caller's autocast exits."""
+        if lean:
+            return torch.inference_mode()
         device = model.get_input_embeddings().weight.device
         if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled() and not self._graphs(device):
             return torch.no_grad()

@@ -217,7 +217,7 @@ def test_autocast_casts_each_weight_once_per_call(monkeypatch):
 
     cached, casts = run()
     assert casts == len(weights)  # each linear's weight once (the tied-or-not LM head included)
-    monkeypatch.setattr(SharedPrefixSampler, "_decode_mode", lambda self, model: torch.inference_mode())
+    monkeypatch.setattr(SharedPrefixSampler, "_decode_mode", lambda self, model, lean=False: torch.inference_mode())
     per_step, casts_per_step = run()
     assert casts_per_step >= 8 * len(weights)  # the prefill and every decode step cast them again
     assert torch.equal(cached.completion_ids, per_step.completion_ids)
