@@ -15,8 +15,8 @@ attention function; the rest (RMSNorm, residuals, SiLU gate, the dtypes autocast
 ``modeling_llama`` writes it, and the tests require the same tokens and log-probs as the model's forward.
 
 ``LeanDecoder.build`` returns None, and the sampler keeps the model's forward, for anything else: other
-architectures or subclasses, PEFT or quantized layers, forward hooks or replaced forwards (except accelerate's
-mixed-precision wrapper under the caller's autocast), activations other than SiLU, FSDP2's sharded weights,
+architectures or subclasses, PEFT or quantized layers, forward hooks or replaced forwards on the modules it
+bypasses (accelerate's mixed-precision wrapper under the caller's autocast is fine), activations other than SiLU, FSDP2's sharded weights,
 weights off the CPU, an autocast dtype other than bf16.
 """
 
@@ -71,11 +71,15 @@ def unsupported_reason(model) -> str | None:
         return "a projection or the embedding is not plain nn.Linear / nn.Embedding (PEFT, quantized)"
     if model.config.hidden_act not in ("silu", "swish"):
         return f"hidden_act {model.config.hidden_act!r} is not SiLU"
+    # The embedding and rotary modules are called as modules (their hooks and forwards run as in the model's
+    # forward: gradient checkpointing's input hook, TRL's default); every other module is bypassed.
+    called = (model, body.embed_tokens, body.rotary_emb)
+    bypassed = [m for m in model.modules() if all(m is not c for c in called)]
     module_mod = torch.nn.modules.module
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or (
+    if any(m._forward_hooks or m._forward_pre_hooks for m in [model, *bypassed]) or (
             module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks):
         return "a module has forward hooks"
-    if any("forward" in m.__dict__ for m in model.modules() if m is not model):
+    if any("forward" in m.__dict__ for m in bypassed):
         return "a submodule's forward is replaced on the instance"
     if "forward" in model.__dict__ and not ("_original_forward" in model.__dict__ and torch.is_autocast_enabled("cpu")):
         return "the model's forward is replaced (other than by accelerate's mixed precision under autocast)"

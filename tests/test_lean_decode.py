@@ -135,6 +135,21 @@ def test_accelerates_mixed_precision_forward_under_autocast_is_served(spy):
     _assert_same(lean, _generate(model, False, "autocast"))
 
 
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("autocast", marks=pytest.mark.skipif(
+    not BF16_GEMM, reason="oneDNN has no bf16 GEMM on this CPU"))])
+def test_gradient_checkpointings_input_hook_is_served(precision, spy):
+    """TRL's default (gradient checkpointing) hooks the input embedding, which the lean forward calls as a module."""
+    model = tiny_causal_lm("llama")
+    model.gradient_checkpointing_enable()
+    assert model.model.embed_tokens._forward_hooks
+    model.eval()
+    assert unsupported_reason(model) is None
+    calls = spy(LeanDecoder, "__call__")
+    lean = _generate(model, None, precision)
+    assert calls
+    _assert_same(lean, _generate(model, False, precision))
+
+
 def test_peft_adapters_fall_back(spy):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_causal_lm("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
