@@ -85,7 +85,7 @@ def unsupported_reason(model) -> str | None:
         return "the model's forward is replaced (other than by accelerate's mixed precision under autocast)"
     if any(p.device.type != "cpu" for p in model.parameters()) or is_fsdp2(model):
         return "the weights are not plain CPU tensors"
-    if torch.is_autocast_enabled("cpu") and not _packed_bf16_available():
+    if torch.is_autocast_enabled("cpu") and not packed_bf16_autocast():
         return "CPU autocast without oneDNN's bf16 GEMM (or with a dtype other than bf16)"
     return None
 
@@ -99,9 +99,16 @@ def is_fsdp2(model) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _packed_bf16_available() -> bool:
-    return (torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def packed_bf16_autocast() -> bool:
+    """Whether the caller's CPU autocast is bf16 and oneDNN computes bf16 GEMMs on this CPU (``packed_linear``)."""
+    return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def packed_linear(x, weight, bias):
+    """Autocast's cast of the input, then oneDNN's bf16 GEMM with fp32 accumulation on a weight packed by
+    ``torch.ops.mkldnn._reorder_linear_weight`` (blocked for the CPU's AMX / AVX-512 units)."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
 
 
 class LeanDecoder:
@@ -144,8 +151,8 @@ class LeanDecoder:
         return (torch.ops.mkldnn._reorder_linear_weight(weight, self.rows), bias)
 
     def _linear(self, x, weights):
-        if self.packed:  # autocast's cast of the input, then the bf16 GEMM with fp32 accumulation
-            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weights[0], weights[1], "none", [], "")
+        if self.packed:
+            return packed_linear(x, *weights)
         if len(weights) == 1:
             return F.linear(x, *weights[0])
         return torch.cat([F.linear(x, w, b) for w, b in weights], -1)

@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from grpo_fast.decode import CudaGraphRunner, DecodeState, GraphCaptureError, param_fingerprint, run_decode
-from grpo_fast.lean_decode import LeanDecoder, is_fsdp2
+from grpo_fast.lean_decode import LeanDecoder, is_fsdp2, packed_bf16_autocast, packed_linear
 from grpo_fast.sampling import CounterUniform, SamplingOptions
 from grpo_fast.shared_prefix import DECODE_ATTN_NAME
 
@@ -160,9 +160,7 @@ def _packed_cpu_linears(model, rows: int):
     SmolLM2-135M at 16 rows). The same bf16 GEMM with fp32 accumulation: the tests find the tokens and log-probs
     unchanged. Anything else (no autocast, CUDA, FSDP2's sharded weights, other module types): a no-op."""
     device = model.get_input_embeddings().weight.device
-    usable = (device.type == "cpu" and torch.is_autocast_enabled("cpu")
-              and torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.backends.mkldnn.is_available()
-              and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not is_fsdp2(model))
+    usable = device.type == "cpu" and packed_bf16_autocast() and not is_fsdp2(model)
     # a module whose forward is already replaced on the instance (accelerate's offload hooks) keeps it
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
                and m.weight.device.type == "cpu"] if usable else []
@@ -170,7 +168,7 @@ def _packed_cpu_linears(model, rows: int):
         for m in linears:
             weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(torch.bfloat16), rows)
             bias = m.bias.detach().to(torch.bfloat16) if m.bias is not None else None
-            m.forward = functools.partial(_packed_linear, weight=weight, bias=bias)
+            m.forward = functools.partial(packed_linear, weight=weight, bias=bias)
         yield
     finally:
         for m in linears:
@@ -197,10 +195,6 @@ def _step_forward(model, rows: int, lean: bool | None):
         return
     with _packed_cpu_linears(model, rows):
         yield functools.partial(_model_logits, model)
-
-
-def _packed_linear(x, weight, bias):
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
 
 
 class SharedPrefixSampler:

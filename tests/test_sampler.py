@@ -233,7 +233,7 @@ def test_packed_cpu_linears_change_nothing(kind, monkeypatch, spy):
     model = _model(kind)
     hooked = model.model.layers[0].mlp.down_proj  # an instance-level forward (accelerate's hooks) is left alone
     hook = hooked.forward = functools.partial(torch.nn.Linear.forward, hooked)
-    packed_calls = spy(sampler_mod, "_packed_linear")
+    packed_calls = spy(sampler_mod, "packed_linear")
 
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16):
