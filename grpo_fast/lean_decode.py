@@ -121,7 +121,7 @@ class LeanDecoder:
     def __init__(self, model, rows: int):
         body = model.model
         self.embed, self.rotary, self.norm = body.embed_tokens, body.rotary_emb, body.norm
-        self.packed = torch.is_autocast_enabled("cpu")  # checked by build: bf16 with oneDNN's bf16 GEMM
+        self.packed = packed_bf16_autocast()  # else no autocast (build refuses any other)
         self.rows = rows
         self.layers = [_Layer(layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm,
                               self._weights(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
@@ -142,6 +142,7 @@ class LeanDecoder:
     def _weights(self, *linears):
         if not self.packed:
             return tuple((m.weight, m.bias) for m in linears)
+
         def cast_cat(tensors):
             tensors = [t.detach().to(torch.bfloat16) for t in tensors]
             return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
