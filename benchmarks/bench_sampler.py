@@ -146,7 +146,8 @@ def main():
     ap.add_argument("--random-init", action="store_true", help="random Llama of SmolLM2-135M's shape")
     ap.add_argument("--config", default="smollm2", choices=["smollm2", "qwen2.5-1.5b", "llama3-8b"],
                     help="architecture (random-init unless smollm2 without --random-init)")
-    ap.add_argument("--variants", nargs="+", default=["ours", "hf"], choices=["ours", "ours_eager", "ours_model_forward", "hf", "hf_static"])
+    ap.add_argument("--variants", nargs="+", default=["ours", "hf"],
+                    choices=["ours", "ours_eager", "ours_model_forward", "hf", "hf_static"])
     ap.add_argument("--check-every", type=int, default=None,
                     help="the sampler's host check interval K (default: the sampler's, 8 on CUDA, 1 on the CPU)")
     ap.add_argument("--hbm-tbs", type=float, default=None, help="HBM bandwidth for the floor (TB/s)")

@@ -16,8 +16,8 @@ attention function; the rest (RMSNorm, residuals, SiLU gate, the dtypes autocast
 
 ``LeanDecoder.build`` returns None, and the sampler keeps the model's forward, for anything else: other
 architectures or subclasses, PEFT or quantized layers, forward hooks or replaced forwards on the modules it
-bypasses (accelerate's mixed-precision wrapper under the caller's autocast is fine), activations other than SiLU, FSDP2's sharded weights,
-weights off the CPU, an autocast dtype other than bf16.
+bypasses (accelerate's mixed-precision wrapper under the caller's autocast is fine), activations other than SiLU,
+FSDP2's sharded weights, weights off the CPU, an autocast dtype other than bf16.
 """
 
 from __future__ import annotations
@@ -105,6 +105,13 @@ def packed_bf16_autocast() -> bool:
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def pack_bf16(weight, bias, rows: int):
+    """``weight [out, in]`` cast to bf16 and packed for oneDNN's GEMM at about ``rows`` input rows, and ``bias`` cast
+    to bf16 (or None): the arguments ``packed_linear`` takes."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), rows)
+    return packed, None if bias is None else bias.detach().to(torch.bfloat16)
+
+
 def packed_linear(x, weight, bias):
     """Autocast's cast of the input, then oneDNN's bf16 GEMM with fp32 accumulation on a weight packed by
     ``torch.ops.mkldnn._reorder_linear_weight`` (blocked for the CPU's AMX / AVX-512 units)."""
@@ -143,13 +150,12 @@ class LeanDecoder:
         if not self.packed:
             return tuple((m.weight, m.bias) for m in linears)
 
-        def cast_cat(tensors):
+        def cat(tensors):  # in bf16: the fp32 concatenation would be a larger copy
             tensors = [t.detach().to(torch.bfloat16) for t in tensors]
             return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
-        weight = cast_cat([m.weight for m in linears])
-        bias = None if linears[0].bias is None else cast_cat([m.bias for m in linears])
-        return (torch.ops.mkldnn._reorder_linear_weight(weight, self.rows), bias)
+        bias = None if linears[0].bias is None else cat([m.bias for m in linears])
+        return pack_bf16(cat([m.weight for m in linears]), bias, self.rows)
 
     def _linear(self, x, weights):
         if self.packed:
@@ -163,16 +169,16 @@ class LeanDecoder:
         cos, sin = self.rotary(h[None], positions[None])  # [1, T, Dh] in h's dtype
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, Dh]: one table for every head
         t, nq, nkv, dh = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        half, qk_width = dh // 2, (nq + nkv) * dh
 
         def heads(x):  # [T, h, Dh] -> the attention's layout: [1, h, T, Dh] at prefill, [n, h, 1, Dh] at decode
             return x.transpose(0, 1)[None] if state.prefill else x[:, :, None]
 
         for i, layer in enumerate(self.layers):
             qkv = self._linear(_rms_norm(h, layer.ln1), layer.qkv)  # [T, (H + 2·Hkv)·Dh]
-            qk = qkv[:, : (nq + nkv) * dh].view(t, nq + nkv, dh)
-            half = dh // 2
+            qk = qkv[:, :qk_width].view(t, nq + nkv, dh)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin  # rotary, as apply_rotary_pos_emb
-            v = qkv[:, (nq + nkv) * dh:].view(t, nkv, dh)
+            v = qkv[:, qk_width:].view(t, nkv, dh)
             k, v = cache.layers[i].update(heads(qk[:, nq:]), heads(v))
             out, _ = _decoding_attention(layer.attn, heads(qk[:, :nq]), k, v, None, scaling=layer.attn.scaling,
                                          sliding_window=getattr(layer.attn, "sliding_window", None),

@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from grpo_fast.decode import CudaGraphRunner, DecodeState, GraphCaptureError, param_fingerprint, run_decode
-from grpo_fast.lean_decode import LeanDecoder, is_fsdp2, packed_bf16_autocast, packed_linear
+from grpo_fast.lean_decode import LeanDecoder, is_fsdp2, pack_bf16, packed_bf16_autocast, packed_linear
 from grpo_fast.sampling import CounterUniform, SamplingOptions
 from grpo_fast.shared_prefix import DECODE_ATTN_NAME
 
@@ -166,8 +166,7 @@ def _packed_cpu_linears(model, rows: int):
                and m.weight.device.type == "cpu"] if usable else []
     try:
         for m in linears:
-            weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(torch.bfloat16), rows)
-            bias = m.bias.detach().to(torch.bfloat16) if m.bias is not None else None
+            weight, bias = pack_bf16(m.weight, m.bias, rows)
             m.forward = functools.partial(packed_linear, weight=weight, bias=bias)
         yield
     finally:
@@ -186,10 +185,10 @@ def _model_logits(model, cache, state, ids, positions, keep=None):
 
 
 @contextlib.contextmanager
-def _step_forward(model, rows: int, lean: bool | None):
+def _step_forward(model, rows: int, lean: bool):
     """The logits function ``forward(cache, state, ids, positions, keep=None)`` of one ``generate`` call:
-    ``LeanDecoder`` where it applies (unless ``lean`` is False), else the model's forward with packed linears."""
-    decoder = LeanDecoder.build(model, rows) if lean is not False else None
+    ``LeanDecoder`` where it applies (and ``lean``), else the model's forward with packed linears."""
+    decoder = LeanDecoder.build(model, rows) if lean else None
     if decoder is not None:
         yield decoder
         return
@@ -206,11 +205,11 @@ class SharedPrefixSampler:
     scattered steps, K = 1 / 4 / 8 / 16 took 4.0 / 4.5 / 5.1 / 6.2 s of CPU time on SmolLM2-135M);
     ``bucketed``: run the bucketed, masked schedule of the graph path even without graphs (default: only with
     graphs), which tests use to check it on the CPU;
-    ``lean``: compute the steps with ``LeanDecoder`` (default None: where it applies, a Llama or Qwen2 model on the
-    CPU; False: always the model's own forward)."""
+    ``lean``: compute the steps with ``LeanDecoder`` where it applies, a Llama or Qwen2 model on the CPU (default);
+    False: always the model's own forward."""
 
     def __init__(self, model, tokenizer=None, *, cuda_graphs: bool | None = None, check_every: int | None = None,
-                 bucketed: bool | None = None, lean: bool | None = None):
+                 bucketed: bool | None = None, lean: bool = True):
         if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
                                         or check_every < 1):
             raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")

@@ -44,7 +44,7 @@ def test_same_tokens_and_logprobs_as_the_models_forward(kind, tie, precision, sp
         model = model.bfloat16()
     assert unsupported_reason(model) is None
     calls = spy(LeanDecoder, "__call__")
-    lean = _generate(model, None, precision)
+    lean = _generate(model, True, precision)
     assert len(calls) >= 6  # the prefill and the decode steps
     steps = len(calls)
     own = _generate(model, False, precision)
@@ -52,14 +52,14 @@ def test_same_tokens_and_logprobs_as_the_models_forward(kind, tie, precision, sp
     _assert_same(lean, own)
     lengths = lean.completion_mask.sum(1)
     assert len(set(lengths.tolist())) > 1 and "eos" in lean.finish_reasons  # the ragged path ran
-    full = _generate(model, None, precision, eos_token_id=None, ignore_eos=True)  # even groups throughout
+    full = _generate(model, True, precision, eos_token_id=None, ignore_eos=True)  # even groups throughout
     _assert_same(full, _generate(model, False, precision, eos_token_id=None, ignore_eos=True))
 
 
 def test_greedy_and_stop_strings_match(spy):
     model = tiny_causal_lm("qwen2").eval()
     for kw in ({"temperature": 0.0}, {"stop": ["1", "2"], "repetition_penalty": 1.3}):
-        _assert_same(_generate(model, None, **kw), _generate(model, False, **kw))
+        _assert_same(_generate(model, True, **kw), _generate(model, False, **kw))
 
 
 class _Subclass(LlamaForCausalLM):
@@ -118,7 +118,7 @@ def test_falls_back_to_the_models_forward(case, spy):
     model = change(tiny_causal_lm("llama").eval())
     assert reason in unsupported_reason(model)
     calls = spy(LeanDecoder, "__call__")
-    out = _generate(model, None)
+    out = _generate(model, True)
     assert calls == []
     _assert_same(out, _generate(model, False))
 
@@ -130,7 +130,7 @@ def test_accelerates_mixed_precision_forward_under_autocast_is_served(spy):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert unsupported_reason(model) is None
     calls = spy(LeanDecoder, "__call__")
-    lean = _generate(model, None, "autocast")
+    lean = _generate(model, True, "autocast")
     assert calls
     _assert_same(lean, _generate(model, False, "autocast"))
 
@@ -145,7 +145,7 @@ def test_gradient_checkpointings_input_hook_is_served(precision, spy):
     model.eval()
     assert unsupported_reason(model) is None
     calls = spy(LeanDecoder, "__call__")
-    lean = _generate(model, None, precision)
+    lean = _generate(model, True, precision)
     assert calls
     _assert_same(lean, _generate(model, False, precision))
 

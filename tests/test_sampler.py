@@ -191,8 +191,8 @@ def test_eos_finishes_rows_and_survivors_are_unchanged():
 
 def test_autocast_casts_each_weight_once_per_call(monkeypatch):
     """The model's own forward (``lean=False``) inside the caller's bf16 autocast (TRL's bf16 generation): every weight
-    is cast once per generate call, not once per decode step (inference mode would disable autocast's weight cache), and the tokens and log-probs equal those
-    of the per-step casts."""
+    is cast once per generate call, not once per decode step (inference mode would disable autocast's weight cache),
+    and the tokens and log-probs equal those of the per-step casts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     model = _model("llama")
@@ -228,8 +228,9 @@ def test_autocast_casts_each_weight_once_per_call(monkeypatch):
                     reason="oneDNN has no bf16 GEMM on this CPU")
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v projections with a bias
 def test_packed_cpu_linears_change_nothing(kind, monkeypatch, spy):
-    """The model's own forward (``lean=False``) under CPU bf16 autocast: the linears decode through oneDNN on weights packed once per call: the same tokens and
-    log-probs as autocast's F.linear, and the modules are left as they were."""
+    """The model's own forward (``lean=False``) under CPU bf16 autocast: the linears decode through oneDNN on weights
+    packed once per call: the same tokens and log-probs as autocast's F.linear, and the modules are left as they
+    were."""
     model = _model(kind)
     hooked = model.model.layers[0].mlp.down_proj  # an instance-level forward (accelerate's hooks) is left alone
     hook = hooked.forward = functools.partial(torch.nn.Linear.forward, hooked)
@@ -237,8 +238,8 @@ def test_packed_cpu_linears_change_nothing(kind, monkeypatch, spy):
 
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return SharedPrefixSampler(model, lean=False).generate(_ids(PROMPTS), group_size=3, max_new_tokens=10, seed=5,
-                                                       top_p=0.9, ignore_eos=True)
+            return SharedPrefixSampler(model, lean=False).generate(_ids(PROMPTS), group_size=3, max_new_tokens=10,
+                                                                   seed=5, top_p=0.9, ignore_eos=True)
 
     packed = run()
     n_linears = sum(type(m) is torch.nn.Linear for m in model.modules()) - 1
@@ -250,8 +251,8 @@ def test_packed_cpu_linears_change_nothing(kind, monkeypatch, spy):
     assert torch.equal(packed.completion_ids, plain.completion_ids)
     assert torch.equal(packed.logprobs, plain.logprobs)
     calls = len(packed_calls)
-    fp32 = SharedPrefixSampler(model, lean=False).generate(_ids(PROMPTS), group_size=3, max_new_tokens=10, seed=5, top_p=0.9,
-                                               ignore_eos=True)
+    fp32 = SharedPrefixSampler(model, lean=False).generate(_ids(PROMPTS), group_size=3, max_new_tokens=10, seed=5,
+                                                           top_p=0.9, ignore_eos=True)
     assert len(packed_calls) == calls  # no autocast: no packing
     assert not torch.equal(fp32.logprobs, plain.logprobs)  # bf16 did run
 
